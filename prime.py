@@ -1,0 +1,574 @@
+"""PRIME: Process Reinforcement through IMplicit rEwards (Cui et al., 2025, arXiv 2502.01456).
+
+One file, read top to bottom like the paper: the config, the math (one pure function per
+equation), the models and the rollout engine, then the training loop (Algorithm 1).
+
+    python prime.py                                 # embedded default: tiny LM, 3-digit addition, CPU
+    python prime.py --model PATH --data rows.jsonl  # your model and Eurus-2-style data
+    python prime.py --help                          # every flag
+
+What is kept from the paper and the official code (a veRL fork), and what is not:
+- kept: the implicit PRM r_t = beta*(log pi_phi - log pi_ref), updated online with a cross-entropy
+  loss on outcome labels only (Eq. 3, Alg. 1 line 8); RLOO advantages computed separately for the
+  process and outcome rewards, then summed (Eq. 5); PPO-clip (Eq. 6); online accuracy filtering;
+  the official code's effective defaults (batch_norm of process rewards, its RLOO scaling,
+  global whitening, seq-mean-token-mean loss, PRM updated after its rewards are read).
+- dropped: rm_coef/reward_coef (in the official code they only rescale logged metrics) and
+  everything asynchronous: all K samples of a prompt come from one policy version.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+def arg(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # model and data; empty strings select the embedded default (see bootstrap.py)
+    model: str = arg("", "HF model folder for policy, PRM and reference; '' builds the embedded tiny model")
+    data: str = arg("", "comma-separated Eurus-2-style .jsonl files; '' = built-in 3-digit addition")
+    eval_data: str = arg("", "comma-separated .jsonl eval files; '' = built-in held-out addition problems")
+    eval_size: int = arg(500, "number of built-in held-out problems (ignored with --eval-data)")
+    cache_dir: str = arg("~/.cache/prime", "where the embedded default model is built once and cached")
+    run_dir: str = arg("", "output folder; '' = runs/<timestamp>")
+    seed: int = arg(0, "seed of data order, sampling and init")
+    # rollout
+    rollout: str = arg("hf", "rollout engine", choices=["hf"])
+    steps: int = arg(120, "training steps (each: sample, verify, filter, PRM update, policy update)")
+    prompts_per_step: int = arg(64, "prompt groups trained on per step (after filtering)")
+    samples_per_prompt: int = arg(4, "K: responses sampled per prompt (RLOO needs K >= 2)")
+    max_prompt_len: int = arg(1024, "prompts longer than this (tokens) are dropped")
+    max_response_len: int = arg(48, "max new tokens per response")
+    temperature: float = arg(1.0, "sampling temperature (also divides the trainer's logits)")
+    top_p: float = arg(1.0, "nucleus sampling")
+    filter_low: float = arg(0.2, "keep a prompt only if the mean outcome of its K samples is >= this")
+    filter_high: float = arg(0.8, "... and <= this (0 and 1 disable the filter)")
+    max_filter_rounds: int = arg(4, "sampling rounds per step to fill the quota of kept groups")
+    # implicit PRM
+    beta: float = arg(0.05, "beta of the implicit PRM: r_t = beta * log(pi_phi / pi_ref) (Eq. 3)")
+    no_prm: bool = arg(False, "outcome-only RLOO: no PRM, no process rewards (the paper's baseline)")
+    process_reward_coef: float = arg(1.0, "weight of the process rewards in the advantage; 0 = --no-prm")
+    granularity: str = arg("token", "process reward on every token, or summed on the last", choices=["token", "whole"])
+    reward_norm: str = arg("batch_norm", "scale process rewards by the batch's max |return| (official)", choices=["batch_norm", "none"])
+    prm_update: str = arg("after", "read rewards then update the PRM (single forward), update first, or never",
+                          choices=["after", "before", "none"])
+    reference: str = arg("sft", "pi_ref of the PRM: the frozen initial model, or the current policy", choices=["sft", "policy"])
+    prm_lr: float = arg(1e-5, "PRM AdamW learning rate (paper: 1e-6 at 7B)")
+    prm_weight_decay: float = arg(0.0, "PRM AdamW weight decay")
+    prm_grad_clip: float = arg(10.0, "PRM gradient-norm clip")
+    # advantages and policy
+    rloo_variant: str = arg("official", "RLOO scaling: official code, or the paper's Eq. 5", choices=["official", "paper"])
+    gamma: float = arg(1.0, "discount of the process-reward return")
+    whiten: bool = arg(True, "whiten advantages over the batch (official)")
+    lr: float = arg(1e-4, "policy AdamW learning rate (paper: 5e-7 at 7B)")
+    weight_decay: float = arg(0.01, "policy AdamW weight decay")
+    grad_clip: float = arg(1.0, "policy gradient-norm clip")
+    clip_eps: float = arg(0.2, "PPO clip epsilon (Eq. 6)")
+    loss_agg: str = arg("seq-mean-token-mean", "how the PPO loss averages tokens", choices=["seq-mean-token-mean", "token-mean"])
+    ppo_epochs: int = arg(1, "passes over each batch")
+    mini_batch_size: int = arg(128, "responses per optimizer step (policy and PRM)")
+    micro_batch_size: int = arg(128, "responses per forward/backward (gradient accumulation)")
+    kl_coef: float = arg(0.0, "weight of a k3 KL(policy || frozen reference) loss term")
+    entropy_coef: float = arg(0.0, "weight of an entropy bonus in the policy loss")
+    # logging
+    eval_every: int = arg(10, "evaluate (greedy accuracy) every N steps; also at step 0 and the last")
+    num_samples_logged: int = arg(4, "responses written to samples.jsonl at each eval")
+
+
+# ==============================================================================================
+# The math. Tensors are [B, R]: B responses (the K samples of a prompt contiguous), R response
+# positions. `mask` is 1 on response tokens up to and including the first EOS. `reduce(x, op)`
+# turns a local batch statistic into a global one ("sum" or "max"); identity in one process,
+# an all-reduce under torchrun, so results do not depend on the number of GPUs.
+def _local(x, op):
+    return x
+
+
+def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1.0, with_entropy=False):
+    """log pi(y_t | x, y_<t) of the last `response_len` tokens of input_ids [B, P+R] -> [B, R] fp32.
+
+    The token at position p is predicted by the logits at p-1. Prompts are left-padded, so
+    position ids come from the attention mask (pitfall: otherwise every padded prompt is shifted).
+    Log-softmax in fp32 (bf16 rounding becomes noise in q = log pi_phi - log pi_ref), row by row
+    so a [B, R, vocab] fp32 tensor never exists. with_entropy also returns the entropy [B, R]."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
+    targets = input_ids[:, -response_len:]
+    logps, entropies = [], []
+    for row_logits, row_targets in zip(logits, targets):
+        row_logits = row_logits.float() / temperature
+        lse = row_logits.logsumexp(-1)  # [R]
+        logps.append(row_logits.gather(-1, row_targets[:, None]).squeeze(-1) - lse)
+        if with_entropy:
+            entropies.append(lse - (row_logits.softmax(-1) * row_logits).sum(-1))
+    logp = torch.stack(logps)
+    return (logp, torch.stack(entropies)) if with_entropy else logp
+
+
+def implicit_rewards(prm_logp, ref_logp, mask):
+    """q_t = log pi_phi(y_t|y_<t) - log pi_ref(y_t|y_<t) on valid tokens, 0 elsewhere: the implicit
+    process reward of Eq. 3 without beta. All [B, R]."""
+    return (prm_logp - ref_logp) * mask
+
+
+def process_rewards(q, mask, beta=0.05, granularity="token", norm="batch_norm", reduce=_local):
+    """Process rewards [B, R] from implicit rewards q [B, R] (Eq. 3, official-code post-processing).
+
+    token: r_t = beta * q_t. whole: beta * sum_t q_t on the last valid token (one reward per
+    response). batch_norm (official): divide by max_{i,t} |sum_{s>=t} r_{i,s}| + 1e-6 over the
+    batch, so the largest process return is 1, on the scale of the 0/1 outcome."""
+    r = beta * q * mask
+    if granularity == "whole":
+        r = r.sum(-1, keepdim=True) * last_token_mask(mask)
+    elif granularity != "token":
+        raise ValueError(f"granularity must be 'token' or 'whole', got {granularity!r}")
+    if norm == "batch_norm":
+        suffix_sums = r.flip(-1).cumsum(-1).flip(-1)
+        r = r / (reduce(suffix_sums.abs().max(), "max") + 1e-6)
+    elif norm != "none":
+        raise ValueError(f"norm must be 'batch_norm' or 'none', got {norm!r}")
+    return r
+
+
+def prm_ce_loss(q, mask, outcome, beta=0.05):
+    """The PRM's cross-entropy loss on outcome labels only (Alg. 1 line 8): the sequence score
+    beta * sum_t q_t [B] is a logit for P(correct); mean over sequences of BCE with `outcome` [B]
+    in [0, 1] (code pass fractions are soft labels, not binarised). With-logits: finite for any
+    score, where sigmoid-then-BCE saturates to inf around |score| ~ 17 in fp32."""
+    score = beta * (q * mask).sum(-1)
+    return F.binary_cross_entropy_with_logits(score, outcome.to(score.dtype))
+
+
+def rloo(rewards, mask, k, variant="official"):
+    """Leave-one-out baseline within each group of K contiguous responses (Eq. 5). [B, R] -> [B, R].
+
+    m_j = mean of rewards[j] over mask[j]. official (PRIME's code): r*K/(K-1) - sum_j m_j/(K-1);
+    paper (Eq. 5): r - sum_{j != i} m_j/(K-1). The two agree when a response has one rewarded
+    token (the outcome); on dense process rewards the official form also adds (r - m_i)/(K-1)."""
+    if k < 2:
+        raise ValueError(f"RLOO needs K >= 2 samples per prompt (a leave-one-out baseline of "
+                         f"zero others is undefined); got K={k}. Raise --samples-per-prompt.")
+    B, R = rewards.shape
+    if B % k:
+        raise ValueError(f"batch of {B} responses is not whole groups of K={k}")
+    mask = mask.to(rewards.dtype)
+    m = (rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    group_sum = m.view(-1, k).sum(-1).repeat_interleave(k)  # [B]
+    if variant == "official":
+        out = rewards * k / (k - 1) - (group_sum / (k - 1))[:, None]
+    elif variant == "paper":
+        out = rewards - ((group_sum - m) / (k - 1))[:, None]
+    else:
+        raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
+    return out * mask
+
+
+def discounted_returns(rewards, mask, gamma=1.0):
+    """G_t = r_t + gamma * G_{t+1} over valid tokens (the sum in Eq. 5). [B, R] -> [B, R]."""
+    rewards = rewards * mask
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def masked_whiten(values, mask, reduce=_local):
+    """(x - mean) / sqrt(var + 1e-8) over valid tokens of the whole batch, unbiased variance (as
+    veRL's masked_whiten); 0 off-mask. [B, R] -> [B, R]."""
+    mask = mask.to(values.dtype)
+    n = reduce(mask.sum(), "sum")
+    mean = reduce((values * mask).sum(), "sum") / n
+    var = reduce((((values - mean) * mask) ** 2).sum(), "sum") / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def prime_advantages(process_rewards, outcome, mask, k, gamma=1.0, variant="official", whiten=True,
+                     reduce=_local):
+    """PRIME's advantage (Eq. 5, as the official code computes it), [B, R].
+
+    The outcome [B] sits on the last valid token; RLOO is applied to each reward source on its
+    own (outcome over that one token, process rewards over all valid tokens); each becomes a
+    return (outcome undiscounted, so every token carries it); the two are summed and whitened.
+    process_rewards=None gives outcome-only RLOO, the paper's baseline."""
+    last = last_token_mask(mask)
+    adv = discounted_returns(rloo(outcome[:, None] * last, last, k, variant), mask, 1.0)
+    if process_rewards is not None:
+        adv = adv + discounted_returns(rloo(process_rewards, mask, k, variant), mask, gamma)
+    return masked_whiten(adv, mask, reduce) if whiten else adv * mask
+
+
+def ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="seq-mean-token-mean",
+                  return_stats=False):
+    """PPO-clip policy loss (Eq. 6): max(-A*rho, -A*clip(rho, 1-eps, 1+eps)), rho = exp(logp -
+    old_logp), all [B, R]. agg: seq-mean-token-mean (mean over sequences of each one's token mean:
+    what the official code effectively does) or token-mean (over all valid tokens of the batch)."""
+    ratio = torch.exp(logp - old_logp)
+    per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    loss = masked_aggregate(per_token, mask, agg)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"clipfrac": masked_aggregate(clipped, mask, "token-mean").item(),
+                 "approx_kl": masked_aggregate(old_logp - logp, mask, "token-mean").item()}
+    return loss, stats
+
+
+def accuracy_filter(outcome, k, low=0.2, high=0.8):
+    """Online prompt filter (paper Sec. 3.4): keep a prompt iff low <= mean outcome of its K
+    samples <= high, so every kept group has both right and wrong answers (a signal for RLOO
+    and balanced labels for the PRM). outcome [B] -> bool [B//K]."""
+    acc = outcome.view(-1, k).float().mean(-1)
+    return (acc >= low - 1e-6) & (acc <= high + 1e-6)  # tolerance: 0.2 is not exact in fp32
+
+
+def masked_aggregate(x, mask, agg):
+    """Mean of x [B, R] over valid tokens: per sequence then over sequences, or over all tokens."""
+    mask = mask.to(x.dtype)
+    if agg == "token-mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    raise ValueError(f"agg must be 'seq-mean-token-mean' or 'token-mean', got {agg!r}")
+
+
+def last_token_mask(mask):
+    """1 on the last valid token of each row of mask [B, R] (where the outcome reward sits)."""
+    last = torch.zeros_like(mask)
+    n = mask.sum(-1).long()
+    rows = torch.nonzero(n > 0).squeeze(-1)
+    last[rows, n[rows] - 1] = 1
+    return last
+
+
+def response_mask(responses, eos_ids):
+    """1 up to and including the first EOS of each sampled response [B, R], 0 after it (where
+    generate() pads). The EOS is kept: ending the answer is an action the policy is credited for.
+    A response with no EOS was cut at the length limit and is valid throughout."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device)).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).float()  # no EOS strictly before t
+
+
+def pairwise_accuracy(scores, outcome, k):
+    """Within each group of K, the fraction of (better, worse) outcome pairs whose scores are
+    ordered the same way (ties count half): how well the PRM ranks responses. nan if no pairs."""
+    s, o = scores.view(-1, k), outcome.view(-1, k)
+    better = (o[:, :, None] > o[:, None, :]).float()  # [G, K, K]: i beat j
+    agree = (s[:, :, None] > s[:, None, :]).float() + 0.5 * (s[:, :, None] == s[:, None, :]).float()
+    pairs = better.sum()
+    return ((better * agree).sum() / pairs).item() if pairs > 0 else float("nan")
+
+
+# ==============================================================================================
+# Models and the rollout engine
+def setup_models(args, model_path):
+    """Policy (trained), PRM (trained, same init) and reference (frozen), all from one checkpoint.
+    The one place where models are built, so FSDP sharding can wrap them here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    load = lambda: AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    policy = load().train()
+    use_prm = not args.no_prm and args.process_reward_coef != 0
+    prm = load().train() if use_prm else None
+    # The PRM's reference and the KL term need the frozen initial model; --reference policy
+    # reuses the policy's own pre-update log-probs and needs no extra copy.
+    need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
+    ref = load().eval().requires_grad_(False) if need_ref else None
+    return policy, prm, ref, tokenizer
+
+
+def full_weights(model):
+    """(name, full tensor) for every parameter and buffer, in a fixed order; sharded DTensors
+    are gathered (every rank must iterate in the same order)."""
+    for name, t in model.state_dict().items():
+        yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class HFRollout:
+    """Rollout engine: an unsharded copy of the policy that samples with HF generate(). It keeps
+    its own weights, refreshed by sync() after every update, as a vLLM engine would."""
+
+    def __init__(self, policy, tokenizer, args):
+        import copy
+        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.tokenizer, self.args = tokenizer, args
+        gen_eos = self.model.generation_config.eos_token_id
+        self.eos_ids = sorted(set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id} - {None})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @torch.no_grad()
+    def sync(self, policy):
+        params = self.model.state_dict()
+        for name, tensor in full_weights(policy):
+            params[name].copy_(tensor)
+
+    @torch.no_grad()
+    def generate(self, prompts, greedy=False):
+        """prompts: list of token-id lists -> list of response token-id lists (ending at EOS)."""
+        ids, attn = left_pad(prompts, self.pad_id)
+        sampling = dict(do_sample=False) if greedy else dict(
+            do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0)  # HF's default top_k is 50
+        out = self.model.generate(input_ids=ids, attention_mask=attn,
+                                  max_new_tokens=self.args.max_response_len, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids, **sampling)
+        responses = out[:, ids.shape[1]:]
+        mask = response_mask(responses, self.eos_ids)
+        return [r[: int(m.sum())].tolist() for r, m in zip(responses, mask)]
+
+
+def left_pad(seqs, pad_id):
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, attn
+
+
+def collate(prompts, responses, pad_id):
+    """Left-padded prompts + right-padded responses -> input_ids, attention_mask [B, P+R] and the
+    response mask [B, R] (responses already end at their first EOS)."""
+    p_ids, p_attn = left_pad(prompts, pad_id)
+    R = max(1, max(len(r) for r in responses))
+    r_ids = torch.tensor([r + [pad_id] * (R - len(r)) for r in responses])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses])
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_attn, mask.long()], 1), mask
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch, micro, temperature):
+    ids, attn, mask = batch
+    return torch.cat([token_logprobs(model, ids[i:i + micro], attn[i:i + micro], mask.shape[1], temperature)
+                      for i in range(0, len(ids), micro)])
+
+
+# ==============================================================================================
+# Training: the PRM update (Alg. 1 lines 6-8) and the policy update (lines 9-11)
+def update_prm(prm, opt, batch, ref_logp, outcome, args):
+    """Implicit process rewards q [B, R] for this batch, and the PRM's CE update on outcomes.
+
+    after (official default): each mini-batch's q comes from the same forward that computes the
+    loss, read before the step (one forward). before: update on the whole batch first, then
+    recompute q with the updated PRM (a second forward). none: the PRM is never updated."""
+    ids, attn, mask = batch
+    R, B, stats = mask.shape[1], len(ids), {"prm/loss": 0.0, "prm/grad_norm": 0.0}
+    if args.prm_update == "none":
+        q = implicit_rewards(batched_logprobs(prm, batch, args.micro_batch_size, args.temperature), ref_logp, mask)
+        stats["prm/loss"] = prm_ce_loss(q, mask, outcome, args.beta).item()
+        return q, stats
+    q, n_minibatches = torch.zeros_like(mask), math.ceil(B / args.mini_batch_size)
+    for lo in range(0, B, args.mini_batch_size):
+        hi = min(lo + args.mini_batch_size, B)
+        for i in range(lo, hi, args.micro_batch_size):
+            j = min(i + args.micro_batch_size, hi)
+            q_mb = implicit_rewards(token_logprobs(prm, ids[i:j], attn[i:j], R, args.temperature), ref_logp[i:j], mask[i:j])
+            loss = prm_ce_loss(q_mb, mask[i:j], outcome[i:j], args.beta)
+            (loss * (j - i) / (hi - lo)).backward()  # mean over the mini-batch's sequences
+            q[i:j] = q_mb.detach()
+            stats["prm/loss"] += loss.item() * (j - i) / B
+        stats["prm/grad_norm"] += torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_grad_clip).item() / n_minibatches
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if args.prm_update == "before":
+        q = implicit_rewards(batched_logprobs(prm, batch, args.micro_batch_size, args.temperature), ref_logp, mask)
+    return q, stats
+
+
+def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen):
+    """PPO-clip epochs over shuffled mini-batches (Eq. 6), with optional KL and entropy terms."""
+    ids, attn, mask = batch
+    B, R = mask.shape
+    totals, count = {}, 0
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(B, generator=gen)
+        for lo in range(0, B, args.mini_batch_size):
+            idx_mb = order[lo:lo + args.mini_batch_size]
+            # Each micro-batch's loss is weighted by its share of the mini-batch (sequences or
+            # tokens, as agg averages), so accumulation gives exactly the mini-batch gradient.
+            mb_tokens = mask[idx_mb].sum()
+            for i in range(0, len(idx_mb), args.micro_batch_size):
+                idx = idx_mb[i:i + args.micro_batch_size]
+                m = mask[idx]
+                logp, entropy = token_logprobs(policy, ids[idx], attn[idx], R, args.temperature, with_entropy=True)
+                loss, stats = ppo_clip_loss(logp, old_logp[idx], advantages[idx], m, args.clip_eps, args.loss_agg, return_stats=True)
+                stats["entropy"] = masked_aggregate(entropy.detach(), m, "token-mean").item()
+                if args.kl_coef > 0:  # k3 estimator of KL(pi || pi_ref): unbiased, always >= 0
+                    log_ratio = ref_logp[idx] - logp
+                    kl = masked_aggregate(torch.exp(log_ratio) - log_ratio - 1, m, args.loss_agg)
+                    loss, stats["kl"] = loss + args.kl_coef * kl, kl.item()
+                if args.entropy_coef > 0:
+                    loss = loss - args.entropy_coef * masked_aggregate(entropy, m, args.loss_agg)
+                weight = (m.sum() / mb_tokens) if args.loss_agg == "token-mean" else len(idx) / len(idx_mb)
+                (loss * weight).backward()
+                stats["loss"] = loss.item()
+                for key, v in stats.items():
+                    totals[key] = totals.get(key, 0.0) + v * len(idx)
+                count += len(idx)
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + B / math.ceil(B / args.mini_batch_size) * \
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {f"policy/{key}": v / count for key, v in totals.items()}
+
+
+def evaluate(engine, tokenizer, rows, batch_size=256):
+    """Greedy accuracy of the rollout engine's policy on `rows`, and the responses."""
+    from data import prompt_token_ids
+    from verifier import math_reward
+    prompts = prompt_token_ids(tokenizer, rows)
+    responses = []
+    for i in range(0, len(prompts), batch_size):
+        responses += engine.generate(prompts[i:i + batch_size], greedy=True)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    scores = [math_reward(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, rows)]
+    return sum(scores) / len(scores), texts
+
+
+def sample_records(step, tokenizer, batch, q, outcome, args):
+    """A few responses with their per-token implicit rewards beta*q_t, for samples.jsonl."""
+    ids, _, mask = batch
+    R, records = mask.shape[1], []
+    for i in range(min(args.num_samples_logged, len(ids))):
+        n = int(mask[i].sum())
+        tokens = ids[i, -R:][:n].tolist()
+        records.append({"step": step, "outcome": outcome[i].item(),
+                        "tokens": [tokenizer.decode([t]) for t in tokens],
+                        "rewards": [] if q is None else (args.beta * q[i, :n]).tolist()})
+    return records
+
+
+def main(args: Args):
+    import random
+    from tqdm import tqdm
+    import data
+    from verifier import math_reward
+
+    if args.no_prm:
+        args.process_reward_coef = 0.0
+    if args.kl_coef > 0 and args.reference == "policy":
+        raise ValueError("--kl-coef needs a frozen reference model: use --reference sft")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    use_prm = args.process_reward_coef != 0
+
+    # --- models, data, rollout engine
+    model_path = args.model
+    if not model_path:
+        import bootstrap
+        model_path = bootstrap.embedded_model(os.path.expanduser(args.cache_dir))
+    policy, prm, ref, tokenizer = setup_models(args, model_path)
+    engine = HFRollout(policy, tokenizer, args)
+    eval_rows = data.load_rows(args.eval_data.split(",")) if args.eval_data else data.embedded_eval_rows(args.eval_size)
+    if args.data:
+        train_rows = data.load_rows(args.data.split(","))
+        lengths = [len(p) for p in data.prompt_token_ids(tokenizer, train_rows)]
+        kept = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_len]
+        print(f"data: {len(kept)} rows, {len(train_rows) - len(kept)} dropped as longer than --max-prompt-len")
+        stream = data.RowStream(kept, args.seed)
+    else:
+        stream = data.AdditionStream(args.seed, eval_rows)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if use_prm else None
+    shuffle_gen = torch.Generator().manual_seed(args.seed)
+    K = args.samples_per_prompt
+
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    samples_file = open(os.path.join(run_dir, "samples.jsonl"), "w")
+
+    def log(metrics):
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+
+    first_eval, _ = evaluate(engine, tokenizer, eval_rows)
+    log({"step": 0, "eval/accuracy": first_eval})
+    bar = tqdm(range(1, args.steps + 1), desc="prime", dynamic_ncols=True)
+    last_eval = first_eval
+    for step in bar:
+        t0 = time.time()
+        # 1-3. generate K samples per prompt, verify, filter; repeat until the quota of groups
+        # with both right and wrong answers is met (or the rounds run out: train on what we have)
+        prompts, responses, outcomes, all_outcomes = [], [], [], []
+        for rounds in range(1, args.max_filter_rounds + 1):
+            rows = stream.take(args.prompts_per_step)
+            p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
+            r_ids = engine.generate(p_ids)
+            texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
+            outcome = torch.tensor([math_reward(t, row["reward_model"]["ground_truth"])
+                                    for t, row in zip(texts, (r for r in rows for _ in range(K)))])
+            all_outcomes.append(outcome)
+            keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
+            prompts += [p for p, k in zip(p_ids, keep) if k]
+            responses += [r for r, k in zip(r_ids, keep) if k]
+            outcomes.append(outcome[keep])
+            if len(prompts) >= args.prompts_per_step * K:
+                break
+        n = min(len(prompts), args.prompts_per_step * K)
+        outcome = torch.cat(outcomes)[:n]
+        metrics = {"step": step, "rollout/accuracy": torch.cat(all_outcomes).mean().item(),
+                   "filter/rounds": rounds, "filter/kept_groups": n // K,
+                   "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1)}
+        if n == 0:  # nothing to learn from this step: every group was all right or all wrong
+            log(metrics)
+            continue
+        batch = collate(prompts[:n], responses[:n], engine.pad_id)
+        mask = batch[2]
+
+        # 4. log-probs of the sampling policy and of the reference, no grad
+        old_logp = batched_logprobs(policy, batch, args.micro_batch_size, args.temperature)
+        ref_logp = None
+        if ref is not None:
+            ref_logp = batched_logprobs(ref, batch, args.micro_batch_size, args.temperature)
+
+        # 5. implicit process rewards and the PRM's CE update on outcome labels
+        q = None
+        if use_prm:
+            prm_ref_logp = old_logp if args.reference == "policy" else ref_logp
+            q, prm_stats = update_prm(prm, prm_opt, batch, prm_ref_logp, outcome, args)
+            metrics.update(prm_stats)
+            metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K)
+
+        # 6. advantages: RLOO of process and outcome rewards, summed, whitened
+        r = None
+        if use_prm:
+            r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm)
+        advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten)
+
+        # 7. PPO-clip policy update
+        metrics.update(update_policy(policy, policy_opt, batch, old_logp, ref_logp, advantages, args, shuffle_gen))
+
+        # 8. the rollout engine samples from the new policy
+        engine.sync(policy)
+
+        # 9. log, evaluate
+        metrics["perf/step_seconds"] = time.time() - t0
+        if step % args.eval_every == 0 or step == args.steps:
+            last_eval, _ = evaluate(engine, tokenizer, eval_rows)
+            metrics["eval/accuracy"] = last_eval
+            for rec in sample_records(step, tokenizer, batch, q, outcome, args):
+                samples_file.write(json.dumps(rec) + "\n")
+            samples_file.flush()
+        log(metrics)
+        bar.set_postfix(reward=f"{metrics['rollout/accuracy']:.3f}", prm_acc=f"{metrics.get('prm/accuracy', float('nan')):.3f}",
+                        eval=f"{last_eval:.3f}")
+    print(f"eval accuracy (greedy, {len(eval_rows)} held-out problems): "
+          f"{first_eval:.1%} at step 0 -> {last_eval:.1%} at step {args.steps} ({100 * (last_eval - first_eval):+.1f} points)")
+    metrics_file.close()
+    samples_file.close()
+    return {"policy": policy, "prm": prm, "ref": ref, "engine": engine, "eval": (first_eval, last_eval)}
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
