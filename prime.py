@@ -303,7 +303,7 @@ class HFRollout:
         self.model = copy.deepcopy(policy).eval().requires_grad_(False)
         self.tokenizer, self.args = tokenizer, args
         gen_eos = self.model.generation_config.eos_token_id
-        self.eos_ids = sorted(set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id} - {None})
+        self.eos_ids = sorted((set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}) - {None})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @torch.no_grad()
@@ -386,7 +386,7 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen)
     """PPO-clip epochs over shuffled mini-batches (Eq. 6), with optional KL and entropy terms."""
     ids, attn, mask = batch
     B, R = mask.shape
-    totals, count = {}, 0
+    totals, count, grad_norms = {}, 0, []
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B, generator=gen)
         for lo in range(0, B, args.mini_batch_size):
@@ -412,11 +412,10 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen)
                 for key, v in stats.items():
                     totals[key] = totals.get(key, 0.0) + v * len(idx)
                 count += len(idx)
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + B / math.ceil(B / args.mini_batch_size) * \
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item())
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return {f"policy/{key}": v / count for key, v in totals.items()}
+    return {"policy/grad_norm": sum(grad_norms) / len(grad_norms), **{f"policy/{key}": v / count for key, v in totals.items()}}
 
 
 def evaluate(engine, tokenizer, rows, batch_size=256):
@@ -543,6 +542,8 @@ def main(args: Args):
         r = None
         if use_prm:
             r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm)
+            # size of the process return next to the 0/1 outcome: how much the PRM steers
+            metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
         advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten)
 
         # 7. PPO-clip policy update
