@@ -42,12 +42,13 @@ class Args:
     seed: int = arg(0, "seed of data order, sampling and init")
     # rollout
     rollout: str = arg("hf", "rollout engine", choices=["hf"])
-    steps: int = arg(120, "training steps (each: sample, verify, filter, PRM update, policy update)")
+    steps: int = arg(150, "training steps (each: sample, verify, filter, PRM update, policy update)")
     prompts_per_step: int = arg(64, "prompt groups trained on per step (after filtering)")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt (RLOO needs K >= 2)")
     max_prompt_len: int = arg(1024, "prompts longer than this (tokens) are dropped")
     max_response_len: int = arg(48, "max new tokens per response")
-    temperature: float = arg(1.0, "sampling temperature (also divides the trainer's logits)")
+    temperature: float = arg(0.7, "sampling temperature, also divides the trainer's logits (paper: 1.0; the tiny "
+                             "embedded model samples 7%% right at 1.0 vs 46%% greedy, 24%% at 0.7)")
     top_p: float = arg(1.0, "nucleus sampling")
     filter_low: float = arg(0.2, "keep a prompt only if the mean outcome of its K samples is >= this")
     filter_high: float = arg(0.8, "... and <= this (0 and 1 disable the filter)")
@@ -61,14 +62,15 @@ class Args:
     prm_update: str = arg("after", "read rewards then update the PRM (single forward), update first, or never",
                           choices=["after", "before", "none"])
     reference: str = arg("sft", "pi_ref of the PRM: the frozen initial model, or the current policy", choices=["sft", "policy"])
-    prm_lr: float = arg(1e-5, "PRM AdamW learning rate (paper: 1e-6 at 7B)")
+    prm_lr: float = arg(5e-4, "PRM AdamW learning rate (paper: 1e-6 at 7B, 2x the policy's; the PRM must adapt "
+                        "faster than the policy drifts, see README)")
     prm_weight_decay: float = arg(0.0, "PRM AdamW weight decay")
     prm_grad_clip: float = arg(10.0, "PRM gradient-norm clip")
     # advantages and policy
     rloo_variant: str = arg("official", "RLOO scaling: official code, or the paper's Eq. 5", choices=["official", "paper"])
     gamma: float = arg(1.0, "discount of the process-reward return")
     whiten: bool = arg(True, "whiten advantages over the batch (official)")
-    lr: float = arg(1e-4, "policy AdamW learning rate (paper: 5e-7 at 7B)")
+    lr: float = arg(5e-5, "policy AdamW learning rate (paper: 5e-7 at 7B)")
     weight_decay: float = arg(0.01, "policy AdamW weight decay")
     grad_clip: float = arg(1.0, "policy gradient-norm clip")
     clip_eps: float = arg(0.2, "PPO clip epsilon (Eq. 6)")

@@ -31,8 +31,8 @@ def main():
     print("|---:|---:|---:|---:|")
     for step, acc in evals:
         window = [m for m in metrics if step - 10 < m["step"] <= step and "rollout/accuracy" in m]
-        mean = lambda key: sum(m.get(key, float("nan")) for m in window) / max(len(window), 1)
-        print(f"| {step} | {acc:.1%} | {mean('rollout/accuracy'):.1%} | {mean('prm/accuracy'):.3f} |")
+        mean = lambda key, fmt: format(sum(m[key] for m in window) / len(window), fmt) if window and key in window[0] else "-"
+        print(f"| {step} | {acc:.1%} | {mean('rollout/accuracy', '.1%')} | {mean('prm/accuracy', '.3f')} |")
     gain = 100 * (evals[-1][1] - evals[0][1])
     print(f"\nwall clock {minutes:.1f} min (target <= 15); eval {evals[0][1]:.1%} -> {evals[-1][1]:.1%} "
           f"({gain:+.1f} points, target >= +10)")
