@@ -420,8 +420,35 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen)
     return {"policy/grad_norm": sum(grad_norms) / len(grad_norms), **{f"policy/{key}": v / count for key, v in totals.items()}}
 
 
+def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen):
+    """Phases 4-7 of one step on a filtered batch: log-probs, PRM, advantages, policy update.
+    Returns the implicit rewards q [B, R] (None without a PRM) and the step's metrics."""
+    mask, K, metrics = batch[2], args.samples_per_prompt, {}
+    # 4. log-probs of the sampling policy and of the reference, no grad
+    old_logp = batched_logprobs(policy, batch, args.micro_batch_size, args.temperature)
+    ref_logp = batched_logprobs(ref, batch, args.micro_batch_size, args.temperature) if ref is not None else None
+
+    # 5. implicit process rewards and the PRM's CE update on outcome labels
+    q = r = None
+    if prm is not None:
+        q, prm_metrics = update_prm(prm, prm_opt, batch, old_logp if args.reference == "policy" else ref_logp, outcome, args)
+        metrics.update(prm_metrics)
+        # held out for "after" (q is read before the PRM trains on this batch); in-sample for "before"
+        metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K)
+        r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm)
+        # size of the process return next to the 0/1 outcome: how much the PRM steers
+        metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
+
+    # 6. advantages: RLOO of process and outcome rewards, summed, whitened
+    advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten)
+
+    # 7. PPO-clip policy update
+    metrics.update(update_policy(policy, policy_opt, batch, old_logp, ref_logp, advantages, args, shuffle_gen))
+    return q, metrics
+
+
 def evaluate(engine, tokenizer, rows, batch_size=256):
-    """Greedy accuracy of the rollout engine's policy on `rows`, and the responses."""
+    """Greedy accuracy of the rollout engine's policy on `rows`."""
     from data import prompt_token_ids
     from verifier import math_reward
     prompts = prompt_token_ids(tokenizer, rows)
@@ -430,7 +457,7 @@ def evaluate(engine, tokenizer, rows, batch_size=256):
         responses += engine.generate(prompts[i:i + batch_size], greedy=True)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores = [math_reward(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, rows)]
-    return sum(scores) / len(scores), texts
+    return sum(scores) / len(scores)
 
 
 def sample_records(step, tokenizer, batch, q, outcome, args):
@@ -462,7 +489,6 @@ def main(args: Args):
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
-    use_prm = args.process_reward_coef != 0
 
     # --- models, data, rollout engine
     model_path = args.model
@@ -474,6 +500,8 @@ def main(args: Args):
     eval_rows = data.load_rows(args.eval_data.split(",")) if args.eval_data else data.embedded_eval_rows(args.eval_size)
     if args.data:
         train_rows = data.load_rows(args.data.split(","))
+        if any(row["ability"] != "math" for row in train_rows + eval_rows):
+            raise ValueError("rows with ability 'code' need code execution, which verifier.py does not have yet")
         lengths = [len(p) for p in data.prompt_token_ids(tokenizer, train_rows)]
         kept = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_len]
         print(f"data: {len(kept)} rows, {len(train_rows) - len(kept)} dropped as longer than --max-prompt-len")
@@ -481,7 +509,7 @@ def main(args: Args):
     else:
         stream = data.AdditionStream(args.seed, eval_rows)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if use_prm else None
+    prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if prm is not None else None
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     K = args.samples_per_prompt
 
@@ -492,7 +520,7 @@ def main(args: Args):
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()
 
-    first_eval, _ = evaluate(engine, tokenizer, eval_rows)
+    first_eval = evaluate(engine, tokenizer, eval_rows)
     log({"step": 0, "eval/accuracy": first_eval})
     bar = tqdm(range(1, args.steps + 1), desc="prime", dynamic_ncols=True)
     last_eval = first_eval
@@ -520,48 +548,22 @@ def main(args: Args):
         metrics = {"step": step, "rollout/accuracy": torch.cat(all_outcomes).mean().item(),
                    "filter/rounds": rounds, "filter/kept_groups": n // K,
                    "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1)}
-        if n == 0:  # nothing to learn from this step: every group was all right or all wrong
-            log(metrics)
-            continue
-        batch = collate(prompts[:n], responses[:n], engine.pad_id)
-        mask = batch[2]
-
-        # 4. log-probs of the sampling policy and of the reference, no grad
-        old_logp = batched_logprobs(policy, batch, args.micro_batch_size, args.temperature)
-        ref_logp = None
-        if ref is not None:
-            ref_logp = batched_logprobs(ref, batch, args.micro_batch_size, args.temperature)
-
-        # 5. implicit process rewards and the PRM's CE update on outcome labels
-        q = None
-        if use_prm:
-            prm_ref_logp = old_logp if args.reference == "policy" else ref_logp
-            q, prm_stats = update_prm(prm, prm_opt, batch, prm_ref_logp, outcome, args)
-            metrics.update(prm_stats)
-            metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K)
-
-        # 6. advantages: RLOO of process and outcome rewards, summed, whitened
-        r = None
-        if use_prm:
-            r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm)
-            # size of the process return next to the 0/1 outcome: how much the PRM steers
-            metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
-        advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten)
-
-        # 7. PPO-clip policy update
-        metrics.update(update_policy(policy, policy_opt, batch, old_logp, ref_logp, advantages, args, shuffle_gen))
-
-        # 8. the rollout engine samples from the new policy
-        engine.sync(policy)
+        if n > 0:  # else every group was all right or all wrong: nothing to learn this step
+            batch = collate(prompts[:n], responses[:n], engine.pad_id)
+            q, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen)
+            metrics.update(step_metrics)
+            # 8. the rollout engine samples from the new policy
+            engine.sync(policy)
 
         # 9. log, evaluate
         metrics["perf/step_seconds"] = time.time() - t0
         if step % args.eval_every == 0 or step == args.steps:
-            last_eval, _ = evaluate(engine, tokenizer, eval_rows)
+            last_eval = evaluate(engine, tokenizer, eval_rows)
             metrics["eval/accuracy"] = last_eval
-            for rec in sample_records(step, tokenizer, batch, q, outcome, args):
-                samples_file.write(json.dumps(rec) + "\n")
-            samples_file.flush()
+            if n > 0:
+                for rec in sample_records(step, tokenizer, batch, q, outcome, args):
+                    samples_file.write(json.dumps(rec) + "\n")
+                samples_file.flush()
         log(metrics)
         bar.set_postfix(reward=f"{metrics['rollout/accuracy']:.3f}", prm_acc=f"{metrics.get('prm/accuracy', float('nan')):.3f}",
                         eval=f"{last_eval:.3f}")

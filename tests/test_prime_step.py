@@ -189,3 +189,15 @@ def test_help_lists_every_flag():
     from dataclasses import fields
     for f in fields(prime.Args):
         assert f"--{f.name.replace('_', '-')}" in out
+
+
+def test_trains_and_evaluates_on_jsonl_files(tiny_model_dir, tmp_path):
+    rows = data.addition_rows(6, 3)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run(tiny_model_dir, tmp_path, "files", data=str(path), eval_data=str(path))
+    assert out["metrics"][2]["filter/kept_groups"] == 3
+    code_row = dict(rows[0], ability="code")
+    path.write_text(json.dumps(code_row) + "\n")
+    with pytest.raises(ValueError, match="code"):
+        run(tiny_model_dir, tmp_path, "code", data=str(path), eval_data=str(path))
