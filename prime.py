@@ -483,6 +483,8 @@ def main(args: Args):
         args.process_reward_coef = 0.0
     if args.kl_coef > 0 and args.reference == "policy":
         raise ValueError("--kl-coef needs a frozen reference model: use --reference sft")
+    # One seed drives sampling, data order and shuffles: a rerun with the same flags on the same
+    # machine reproduces every metric (tests rely on it to compare ablation switches).
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -513,6 +515,7 @@ def main(args: Args):
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     K = args.samples_per_prompt
 
+    # Flushed after every step, so a crash loses at most the step in flight.
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
     samples_file = open(os.path.join(run_dir, "samples.jsonl"), "w")
 
@@ -538,6 +541,7 @@ def main(args: Args):
                                     for t, row in zip(texts, (r for r in rows for _ in range(K)))])
             all_outcomes.append(outcome)
             keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
+            # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
             prompts += [p for p, k in zip(p_ids, keep) if k]
             responses += [r for r, k in zip(r_ids, keep) if k]
             outcomes.append(outcome[keep])
