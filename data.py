@@ -71,6 +71,12 @@ class AdditionStream:
         self.rng = random.Random(seed)
         self.exclude = {row["prompt"][-1]["content"] for row in eval_rows}
 
+    def state_dict(self) -> dict:  # the data position, for exact resume
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict):
+        self.rng.setstate(state["rng"])
+
     def take(self, n: int) -> list[dict]:
         rows = []
         while len(rows) < n:
@@ -85,6 +91,13 @@ class RowStream:
 
     def __init__(self, rows: list[dict], seed: int):
         self.rows, self.rng, self.order = rows, random.Random(seed), []
+
+    def state_dict(self) -> dict:  # the data position, for exact resume
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict):
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
 
     def take(self, n: int) -> list[dict]:
         out = []

@@ -16,9 +16,12 @@ What is kept from the paper and the official code (a veRL fork), and what is not
 - dropped: rm_coef/reward_coef (in the official code they only rescale logged metrics) and
   everything asynchronous: all K samples of a prompt come from one policy version.
 """
+import glob
 import json
 import math
 import os
+import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -82,6 +85,8 @@ class Args:
     entropy_coef: float = arg(0.0, "weight of an entropy bonus in the policy loss")
     # logging
     eval_every: int = arg(10, "evaluate (greedy accuracy) every N steps; also at step 0 and the last")
+    save_every: int = arg(0, "write a checkpoint every N steps (0 = never); only the newest is kept")
+    resume: bool = arg(False, "continue from the newest checkpoint in --run-dir")
     num_samples_logged: int = arg(4, "responses written to samples.jsonl at each eval")
 
 
@@ -273,15 +278,16 @@ def pairwise_accuracy(scores, outcome, k):
 
 # ==============================================================================================
 # Models and the rollout engine
-def setup_models(args, model_path):
-    """Policy (trained), PRM (trained, same init) and reference (frozen), all from one checkpoint.
-    The one place where models are built, so FSDP sharding can wrap them here."""
+def setup_models(args, model_path, checkpoint=None):
+    """Policy (trained), PRM (trained, same init) and reference (frozen), all from one checkpoint
+    (policy and PRM from `checkpoint` when resuming). The one place where models are built, so
+    FSDP sharding can wrap them here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    load = lambda: AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    policy = load().train()
+    load = lambda path=model_path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy = load(os.path.join(checkpoint, "policy") if checkpoint else model_path).train()
     use_prm = not args.no_prm and args.process_reward_coef != 0
-    prm = load().train() if use_prm else None
+    prm = load(os.path.join(checkpoint, "prm") if checkpoint else model_path).train() if use_prm else None
     # The PRM's reference and the KL term need the frozen initial model; --reference policy
     # reuses the policy's own pre-update log-probs and needs no extra copy.
     need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
@@ -473,8 +479,39 @@ def sample_records(step, tokenizer, batch, q, outcome, args):
     return records
 
 
+# ==============================================================================================
+# Checkpoints: everything needed to continue exactly where a run stopped
+def checkpoints(run_dir):
+    """Complete checkpoints in run_dir, oldest first (a save in progress is a .tmp folder)."""
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoint-[0-9]*[0-9]")))
+
+
+def save_checkpoint(run_dir, step, policy, prm, tokenizer, trainer_state):
+    """policy/ and prm/ as HF folders (loadable by transformers and vLLM as they are) plus the
+    optimizer, RNG and data state. Written to a temp folder and renamed into place, so a crash
+    mid-save leaves the previous checkpoint whole; older checkpoints are removed after."""
+    final = os.path.join(run_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(os.path.join(tmp, "policy"))
+    tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+    if prm is not None:
+        prm.save_pretrained(os.path.join(tmp, "prm"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    os.replace(tmp, final)
+    for old in checkpoints(run_dir)[:-1]:
+        shutil.rmtree(old)
+
+
+def truncate_jsonl(path, last_step):
+    """Drop lines logged after `last_step` (a crash after the checkpoint) before appending."""
+    with open(path) as f:
+        lines = [line for line in f if json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def main(args: Args):
-    import random
     from tqdm import tqdm
     import data
     from verifier import math_reward
@@ -487,8 +524,13 @@ def main(args: Args):
     # machine reproduces every metric (tests rely on it to compare ablation switches).
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs the --run-dir of the run to continue")
     run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(run_dir, exist_ok=True)
+    checkpoint = checkpoints(run_dir)[-1] if args.resume and checkpoints(run_dir) else None
+    if args.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir}")
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
 
@@ -497,7 +539,7 @@ def main(args: Args):
     if not model_path:
         import bootstrap
         model_path = bootstrap.embedded_model(os.path.expanduser(args.cache_dir))
-    policy, prm, ref, tokenizer = setup_models(args, model_path)
+    policy, prm, ref, tokenizer = setup_models(args, model_path, checkpoint)
     engine = HFRollout(policy, tokenizer, args)
     eval_rows = data.load_rows(args.eval_data.split(",")) if args.eval_data else data.embedded_eval_rows(args.eval_size)
     if args.data:
@@ -515,18 +557,33 @@ def main(args: Args):
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     K = args.samples_per_prompt
 
-    # Flushed after every step, so a crash loses at most the step in flight.
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w")
-    samples_file = open(os.path.join(run_dir, "samples.jsonl"), "w")
+    optimizers = [opt for opt in (policy_opt, prm_opt) if opt is not None]
+    metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.jsonl")
+    start = 0
+    if checkpoint:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        stream.load_state_dict(state["stream"])
+        shuffle_gen.set_state(state["rng"]["shuffle"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        start, (first_eval, last_eval) = state["step"], state["evals"]
+        for path in (metrics_path, samples_path):
+            truncate_jsonl(path, start)
+        print(f"resumed from {checkpoint} at step {start}")
+    # Flushed after every step, so a crash loses at most the steps since the last checkpoint.
+    metrics_file = open(metrics_path, "a" if checkpoint else "w")
+    samples_file = open(samples_path, "a" if checkpoint else "w")
 
     def log(metrics):
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()
 
-    first_eval = evaluate(engine, tokenizer, eval_rows)
-    log({"step": 0, "eval/accuracy": first_eval})
-    bar = tqdm(range(1, args.steps + 1), desc="prime", dynamic_ncols=True)
-    last_eval = first_eval
+    if not checkpoint:
+        first_eval = last_eval = evaluate(engine, tokenizer, eval_rows)
+        log({"step": 0, "eval/accuracy": first_eval})
+    bar = tqdm(range(start + 1, args.steps + 1), desc="prime", dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         # 1-3. generate K samples per prompt, verify, filter; repeat until the quota of groups
@@ -571,6 +628,11 @@ def main(args: Args):
         log(metrics)
         bar.set_postfix(reward=f"{metrics['rollout/accuracy']:.3f}", prm_acc=f"{metrics.get('prm/accuracy', float('nan')):.3f}",
                         eval=f"{last_eval:.3f}")
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(run_dir, step, policy, prm, tokenizer, {
+                "step": step, "evals": (first_eval, last_eval), "optimizers": [o.state_dict() for o in optimizers],
+                "stream": stream.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                                       "shuffle": shuffle_gen.get_state()}})
     print(f"eval accuracy (greedy, {len(eval_rows)} held-out problems): "
           f"{first_eval:.1%} at step 0 -> {last_eval:.1%} at step {args.steps} ({100 * (last_eval - first_eval):+.1f} points)")
     metrics_file.close()

@@ -201,3 +201,25 @@ def test_trains_and_evaluates_on_jsonl_files(tiny_model_dir, tmp_path):
     path.write_text(json.dumps(code_row) + "\n")
     with pytest.raises(ValueError, match="code"):
         run(tiny_model_dir, tmp_path, "code", data=str(path), eval_data=str(path))
+
+
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    """4 steps straight vs 2 steps + resume + 2 steps: same metrics and weights."""
+    straight = run(tiny_model_dir, tmp_path, "straight", steps=4, save_every=2)
+    run(tiny_model_dir, tmp_path, "split", steps=2, save_every=2)
+    # a crash after the checkpoint: a logged step 3 and a half-written save must not leak in
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "rollout/accuracy": -1}) + "\n")
+    os.makedirs(tmp_path / "split" / "checkpoint-000004.tmp" / "policy")
+    resumed = run(tiny_model_dir, tmp_path, "split", steps=4, save_every=2, resume=True)
+    drop_timing = lambda ms: [{k: v for k, v in m.items() if k != "perf/step_seconds"} for m in ms]
+    assert [m["step"] for m in resumed["metrics"]] == [0, 1, 2, 3, 4]
+    assert drop_timing(resumed["metrics"]) == drop_timing(straight["metrics"])
+    for name in ("policy", "prm"):
+        assert torch.equal(weights(resumed[name]), weights(straight[name])), name
+    assert [os.path.basename(c) for c in prime.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000004"]
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run(tiny_model_dir, tmp_path, "empty", resume=True)
