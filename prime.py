@@ -520,10 +520,6 @@ def main(args: Args):
         args.process_reward_coef = 0.0
     if args.kl_coef > 0 and args.reference == "policy":
         raise ValueError("--kl-coef needs a frozen reference model: use --reference sft")
-    # One seed drives sampling, data order and shuffles: a rerun with the same flags on the same
-    # machine reproduces every metric (tests rely on it to compare ablation switches).
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs the --run-dir of the run to continue")
     run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -552,6 +548,11 @@ def main(args: Args):
         stream = data.RowStream(kept, args.seed)
     else:
         stream = data.AdditionStream(args.seed, eval_rows)
+    # One seed drives sampling, data order and shuffles, set after the models are built (building
+    # the embedded model consumes random numbers only on its first run): a rerun with the same
+    # flags reproduces every metric (tests rely on it to compare ablation switches).
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if prm is not None else None
     shuffle_gen = torch.Generator().manual_seed(args.seed)
