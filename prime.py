@@ -453,17 +453,25 @@ def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuf
     return q, metrics
 
 
+def outcome_rewards(texts, rows):
+    """The verifier's outcome reward [len(texts)] of each response to its row (math answer or code
+    tests, by the row's ability), scored in worker processes, and how many items had each reason
+    (no_answer, timeout, ...): a checker failure scores that item 0, never the batch."""
+    import verifier
+    rewards, reasons = verifier.score_batch(texts, [r["reward_model"]["ground_truth"] for r in rows],
+                                            [r["ability"] for r in rows])
+    return torch.tensor(rewards), reasons
+
+
 def evaluate(engine, tokenizer, rows, batch_size=256):
     """Greedy accuracy of the rollout engine's policy on `rows`."""
     from data import prompt_token_ids
-    from verifier import math_reward
     prompts = prompt_token_ids(tokenizer, rows)
     responses = []
     for i in range(0, len(prompts), batch_size):
         responses += engine.generate(prompts[i:i + batch_size], greedy=True)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = [math_reward(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, rows)]
-    return sum(scores) / len(scores)
+    scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), rows)
+    return scores.mean().item()
 
 
 def sample_records(step, tokenizer, batch, q, outcome, args):
@@ -514,7 +522,6 @@ def truncate_jsonl(path, last_step):
 def main(args: Args):
     from tqdm import tqdm
     import data
-    from verifier import math_reward
 
     if args.no_prm:
         args.process_reward_coef = 0.0
@@ -540,8 +547,6 @@ def main(args: Args):
     eval_rows = data.load_rows(args.eval_data.split(",")) if args.eval_data else data.embedded_eval_rows(args.eval_size)
     if args.data:
         train_rows = data.load_rows(args.data.split(","))
-        if any(row["ability"] != "math" for row in train_rows + eval_rows):
-            raise ValueError("rows with ability 'code' need code execution, which verifier.py does not have yet")
         lengths = [len(p) for p in data.prompt_token_ids(tokenizer, train_rows)]
         kept = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_len]
         print(f"data: {len(kept)} rows, {len(train_rows) - len(kept)} dropped as longer than --max-prompt-len")
@@ -589,14 +594,15 @@ def main(args: Args):
         t0 = time.time()
         # 1-3. generate K samples per prompt, verify, filter; repeat until the quota of groups
         # with both right and wrong answers is met (or the rounds run out: train on what we have)
-        prompts, responses, outcomes, all_outcomes = [], [], [], []
+        prompts, responses, outcomes, all_outcomes, reasons = [], [], [], [], {}
         for rounds in range(1, args.max_filter_rounds + 1):
             rows = stream.take(args.prompts_per_step)
             p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
             r_ids = engine.generate(p_ids)
             texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
-            outcome = torch.tensor([math_reward(t, row["reward_model"]["ground_truth"])
-                                    for t, row in zip(texts, (r for r in rows for _ in range(K)))])
+            outcome, round_reasons = outcome_rewards(texts, [row for row in rows for _ in range(K)])
+            for reason, count in round_reasons.items():
+                reasons[f"verifier/{reason}"] = reasons.get(f"verifier/{reason}", 0) + count
             all_outcomes.append(outcome)
             keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
             # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
@@ -609,7 +615,7 @@ def main(args: Args):
         outcome = torch.cat(outcomes)[:n]
         metrics = {"step": step, "rollout/accuracy": torch.cat(all_outcomes).mean().item(),
                    "filter/rounds": rounds, "filter/kept_groups": n // K,
-                   "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1)}
+                   "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1), **reasons}
         if n > 0:  # else every group was all right or all wrong: nothing to learn this step
             batch = collate(prompts[:n], responses[:n], engine.pad_id)
             q, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen)

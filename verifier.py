@@ -1,23 +1,44 @@
-"""Outcome rewards for math: 1 if the last \\boxed{} answer equals the ground truth, else 0.
+"""Outcome rewards (PRIME's "outcome verifier"): math answers, sandboxed code tests, batches.
 
-This is the task-specific half of the reward (PRIME's "outcome verifier"); forks replace this file.
-Equivalence is decided by math-verify (fractions vs decimals, `x = 5` vs `5`, intervals, sets, ...),
-after a fast path for the common exact and integer cases.
+This is the task-specific half of the reward; forks replace this file.
+- Math: 1 if the last \\boxed{} answer equals the ground truth, else 0. Equivalence is decided by
+  math-verify (fractions vs decimals, `x = 5` vs `5`, intervals, sets, ...), after a fast path for
+  the common exact and integer cases.
+- Code: the fraction of the row's tests that the last ```python block passes, each test run in its
+  own process under bubblewrap with resource limits (see `code_reward`).
+- `score_batch` scores a whole batch in worker processes with a hard per-item deadline.
 
 math-verify times out with `signal.alarm`, which works only in a process's main thread: call
-`math_reward` from the main thread or from worker processes (e.g. `multiprocessing.Pool`), never
+`math_reward` from the main thread or from worker processes (as `score_batch` does), never
 from a thread. Calling it from a thread raises at once rather than silently scoring everything 0.
 """
 
+import json
+import math
+import multiprocessing
+import os
 import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from collections import Counter, deque
+from multiprocessing.connection import wait
 
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
-# Seconds per math-verify stage (parse gold, parse answer, compare); signal.alarm takes whole
-# seconds. A normal answer takes under 0.1 s once warm, so only pathological answers hit this.
-TIMEOUT_S = 2
+# Seconds per math-verify stage; signal.alarm takes whole seconds. A normal answer takes under
+# 0.1 s once warm, so only pathological answers hit these. Worst case 1 + 1 + 2 = 4 s per item.
+PARSE_TIMEOUT_S = 1  # each of: parse gold, parse answer
+VERIFY_TIMEOUT_S = 2
+# Real final answers are short; anything longer is refused before sympy sees it, so a
+# 200k-character or thousand-deep "answer" costs microseconds, not a timeout.
+MAX_ANSWER_CHARS = 1000
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # One token per brace or backslash escape, so `\{` and `\}` (set braces) do not count as groups.
@@ -48,7 +69,8 @@ def extract_boxed(text: str) -> str | None:
 
 
 def math_reward_with_reason(response: str, ground_truth: str) -> tuple[float, str]:
-    """(reward, reason), reason one of "ok", "wrong", "no_answer", "timeout", "error".
+    """(reward, reason), reason one of "ok", "wrong", "no_answer", "too_long", "invalid",
+    "timeout", "error".
 
     Never raises for a bad response: an exception inside the checker scores that item 0 ("error").
     (The official PRIME verifier gives the whole batch 0.5 when one item raises.)
@@ -64,6 +86,10 @@ def math_reward_with_reason(response: str, ground_truth: str) -> tuple[float, st
     if answer is None or not answer.strip():
         return 0.0, "no_answer"
     answer, ground_truth = answer.strip(), ground_truth.strip()
+    if len(answer) > MAX_ANSWER_CHARS:
+        return 0.0, "too_long"
+    if "\x00" in answer:  # no real answer contains NUL: refuse it rather than parse it
+        return 0.0, "invalid"
     # Fast path (~2 us vs 1-4 ms in math-verify): the trainer scores hundreds of responses per
     # step, and most answers (GSM-style) are exact copies of the ground truth or plain integers.
     if answer == ground_truth:
@@ -74,10 +100,10 @@ def math_reward_with_reason(response: str, ground_truth: str) -> tuple[float, st
         else:
             # Wrap both in \boxed{} so math-verify takes the whole string as the answer.
             # raise_on_error=True so a timeout or crash is reported as such rather than as "wrong".
-            limits = dict(parsing_timeout=TIMEOUT_S, raise_on_error=True)
+            limits = dict(parsing_timeout=PARSE_TIMEOUT_S, raise_on_error=True)
             gold = parse(f"\\boxed{{{ground_truth}}}", **limits)
             pred = parse(f"\\boxed{{{answer}}}", **limits)
-            ok = verify(gold, pred, timeout_seconds=TIMEOUT_S, raise_on_error=True)  # gold first
+            ok = verify(gold, pred, timeout_seconds=VERIFY_TIMEOUT_S, raise_on_error=True)  # gold first
     except TimeoutException:  # derives from BaseException, so `except Exception` would miss it
         return 0.0, "timeout"
     except Exception:
@@ -88,3 +114,318 @@ def math_reward_with_reason(response: str, ground_truth: str) -> tuple[float, st
 def math_reward(response: str, ground_truth: str) -> float:
     """1.0 if the last boxed answer in `response` is mathematically equivalent to `ground_truth`."""
     return math_reward_with_reason(response, ground_truth)[0]
+
+
+# ==============================================================================================
+# Code: run the response's program against the row's tests, each test in its own sandbox.
+#
+# Reward = fraction of tests passed, a soft label that PRIME's BCE loss takes as it is. The
+# official PRIME `prime_code.compute_score` returns 1 only if every test passes (its "continuous"
+# option: the fraction of the first 10 tests); we use the fraction of all tests so partly correct
+# programs are told apart, and no block of code scores 0 (official: the whole response is run).
+
+TEST_TIMEOUT_S = 5.0  # wall clock per test, as in the official code
+MEMORY_BYTES = 2 << 30  # address space per test
+MAX_OUTPUT_BYTES = 1 << 20  # stdout kept per test; writing more kills the program (RLIMIT_FSIZE)
+MAX_PROCS = 64  # RLIMIT_NPROC, counted per user: that is why tests run as `nobody` under root
+NOBODY = 65534
+
+_CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
+# LeetCode-style solutions use these names without importing them.
+_CALL_HEADER = "from typing import *\nfrom collections import *\nimport math, heapq, bisect, itertools, functools, re\n"
+# Runs a call-based test: the solution's prints go nowhere, the return value goes to stdout as JSON.
+_CALL_DRIVER = """
+import contextlib, io, json, sys
+fn_name, args = sys.argv[1], json.loads(sys.stdin.read())
+with contextlib.redirect_stdout(io.StringIO()):
+    ns = {"__name__": "solution"}
+    exec(compile(open("solution.py").read(), "solution.py", "exec"), ns)
+    owner = ns["Solution"]() if hasattr(ns.get("Solution"), fn_name) else None
+    result = getattr(owner, fn_name) if owner else ns[fn_name]
+    result = result(*args)
+print(json.dumps(result))
+"""
+_BWRAP = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--perms", "1777",
+          "--tmpfs", "/tmp", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+          "--die-with-parent", "--new-session"]
+_BWRAP_STATUS = None  # None until probed: "ok", or why the sandbox is unavailable
+
+
+def extract_code(text: str) -> str | None:
+    """The last complete ```python fenced block in `text`, or None. A truncated final block does
+    not count (the official `split('```python')[-1]` would run it, or the whole response)."""
+    blocks = _CODE_BLOCK.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def _limit_resources(timeout_s, limit_procs: bool):
+    """preexec_fn: the limits every test runs under (set in the child before exec, inherited).
+
+    RLIMIT_NPROC counts all processes of a user, so it is set only where the test runs as
+    `nobody` (see _sandbox_command); a normal user's limit would count their own trainer. Either
+    way the pid namespace and the wall-clock kill end every process of a test."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(timeout_s) + 1,) * 2)
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES,) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_OUTPUT_BYTES,) * 2)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if limit_procs:
+            resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCS,) * 2)
+    return apply
+
+
+def _as_nobody():
+    """Whether tests run as `nobody`: under root, when the sandbox works (see _sandbox_command)."""
+    return os.getuid() == 0 and _sandbox_status() == "ok"
+
+
+def _sandbox_command(argv, workdir):
+    """`argv` wrapped in bubblewrap: read-only host, private /tmp, only `workdir` writable, no
+    network, own pid namespace (the test cannot see or signal our processes, and all its
+    processes die with it). Unchanged if bwrap is unusable (`_sandbox_status` has warned)."""
+    if _sandbox_status() != "ok":
+        return argv
+    if os.getuid() != 0:
+        return _BWRAP + ["--bind", workdir, "/tmp/work", "--chdir", "/tmp/work", *argv]
+    # Under root: root ignores RLIMIT_NPROC (a fork bomb would take every pid on the machine)
+    # and can read /root, so the test runs as `nobody`. /root is hidden, except the folders that
+    # hold our Python (pyenv, a venv), which `nobody` could not reach through /root otherwise.
+    keep = sorted({os.path.join("/root", p.split("/")[2]) for p in (sys.prefix, sys.base_prefix, *sys.path)
+                   if p.startswith("/root/") and os.path.exists(p)})
+    return (_BWRAP + ["--perms", "0755", "--tmpfs", "/root"] + [a for d in keep for a in ("--ro-bind", d, d)]
+            + ["--bind", workdir, "/tmp/work", "--chdir", "/tmp/work", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+               "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *argv])
+
+
+def _sandbox_status():
+    """Probe bwrap once per process; warn once if code will run without isolation."""
+    global _BWRAP_STATUS
+    if _BWRAP_STATUS is None:
+        _BWRAP_STATUS = "ok"  # provisionally, so that the probe below runs inside the sandbox
+        if shutil.which("bwrap") is None or (os.getuid() == 0 and shutil.which("setpriv") is None):
+            _BWRAP_STATUS = "bwrap (or, under root, setpriv) is not installed: apt-get install -y bubblewrap"
+        elif _run_test("print('ok')", None, "", 10.0) != b"ok\n":
+            _BWRAP_STATUS = "bwrap is installed but could not start a sandbox (user namespaces disabled?)"
+        if _BWRAP_STATUS != "ok":
+            print(f"WARNING: verifier.py: {_BWRAP_STATUS}; generated code runs WITHOUT isolation "
+                  "(resource limits only: it can read and write your files and use the network)",
+                  file=sys.stderr, flush=True)
+    return _BWRAP_STATUS
+
+
+def _run_sandboxed(argv, workdir, stdin: bytes, timeout_s) -> tuple[bool, bytes]:
+    """Run one test program; (exited with status 0 in time, its stdout up to MAX_OUTPUT_BYTES).
+
+    stdin and stdout are temp files outside the sandbox, not pipes: nothing can deadlock, and the
+    output size is capped by RLIMIT_FSIZE rather than by how fast we read."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}  # and none of our secrets
+    with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout:
+        fin.write(stdin)
+        fin.seek(0)
+        proc = subprocess.Popen(_sandbox_command(argv, workdir), stdin=fin, stdout=fout,
+                                stderr=subprocess.DEVNULL, cwd=workdir, env=env,
+                                start_new_session=True, preexec_fn=_limit_resources(timeout_s, _as_nobody()))
+        try:
+            returncode = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            try:  # the whole group: bwrap, and without bwrap every child the test forked
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        fout.seek(0)
+        return returncode == 0, fout.read(MAX_OUTPUT_BYTES)
+
+
+def _run_test(code, fn_name, test_input, timeout_s) -> bytes | None:
+    """Stdout of `code` on one test (None if it crashed or timed out), in a fresh temp dir."""
+    workdir = tempfile.mkdtemp(prefix="prime_test_")
+    try:
+        if _as_nobody():
+            os.chown(workdir, NOBODY, NOBODY)  # the test runs as nobody, see _sandbox_command
+        with open(os.path.join(workdir, "solution.py"), "w") as f:
+            f.write(code if fn_name is None else _CALL_HEADER + code)
+        if fn_name is None:  # stdin/stdout program
+            argv, stdin = [sys.executable, "-I", "solution.py"], _as_text(test_input)
+        else:  # call-based: the input is the list of arguments
+            argv, stdin = [sys.executable, "-I", "-c", _CALL_DRIVER, fn_name], json.dumps(test_input)
+        ok, out = _run_sandboxed(argv, workdir, stdin.encode(), timeout_s)
+        return out if ok else None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _as_text(value) -> str:
+    """APPS stores some stdin/stdout tests as lists of lines."""
+    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _same_stdout(got: str, expected: str) -> bool:
+    """Equal up to trailing whitespace per line and trailing blank lines; if the expected output is
+    all numbers, compared token by token as numbers (integers exactly, floats to 1e-6)."""
+    def lines(s):
+        return [line.rstrip() for line in s.rstrip().splitlines()]
+
+    if lines(got) == lines(expected):
+        return True
+    want, have = expected.split(), got.split()
+    if len(want) != len(have) or not want:
+        return False
+    try:
+        for w, h in zip(want, have):
+            if re.fullmatch(r"[-+]?\d+", w) and re.fullmatch(r"[-+]?\d+", h):
+                if int(w) != int(h):
+                    return False
+            elif not math.isclose(float(w), float(h), rel_tol=1e-6, abs_tol=1e-6):
+                return False
+    except ValueError:  # a token that is not a number
+        return False
+    return True
+
+
+def _same_return(got, expected) -> bool:
+    """Call-based: as APPS, a tuple equals a list (JSON round trip), and an expected value may be
+    wrapped in a one-element list; floats to 1e-6."""
+    if got == expected or (isinstance(expected, list) and len(expected) == 1 and got == expected[0]):
+        return True
+    if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
+        return math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-6)
+    return False
+
+
+def code_reward_with_reason(response: str, tests, timeout_s: float = TEST_TIMEOUT_S) -> tuple[float, str]:
+    """(fraction of tests passed, reason), reason one of "ok" (all), "partial", "wrong" (none),
+    "no_answer" (no ```python block). Raises ValueError for malformed `tests` (a data error)."""
+    if isinstance(tests, str):
+        tests = json.loads(tests)
+    inputs, outputs = (tests.get("inputs"), tests.get("outputs")) if isinstance(tests, dict) else (None, None)
+    if not inputs or not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
+        raise ValueError(f"code tests need equal-length non-empty lists 'inputs' and 'outputs', got {str(tests)[:200]}")
+    code = extract_code(response)
+    if code is None:
+        return 0.0, "no_answer"
+    fn_name = tests.get("fn_name")
+    passed = 0
+    for test_input, expected in zip(inputs, outputs):
+        out = _run_test(code, fn_name, test_input, timeout_s)
+        if out is None:
+            continue
+        text = out.decode(errors="replace")
+        if fn_name is None:
+            passed += _same_stdout(text, _as_text(expected))
+        else:
+            try:
+                passed += _same_return(json.loads(text), expected)
+            except ValueError:  # the program printed around the driver, or crashed mid-line
+                pass
+    reward = passed / len(inputs)
+    return reward, "ok" if reward == 1 else "partial" if reward > 0 else "wrong"
+
+
+def code_reward(response: str, tests, timeout_s: float = TEST_TIMEOUT_S) -> float:
+    """Fraction of the Eurus-2 / APPS `tests` ({"inputs", "outputs"[, "fn_name"]}, a dict or JSON
+    string) that the last ```python block in `response` passes; each test runs in a fresh process
+    under bubblewrap (read-only host, no network, own pid namespace, only a temp dir writable) with
+    CPU, memory, file-size and process limits and a wall-clock timeout of `timeout_s`."""
+    return code_reward_with_reason(response, tests, timeout_s)[0]
+
+
+# ==============================================================================================
+# Batches: many items in worker processes, each with a hard deadline.
+#
+# Processes, not threads: math-verify's timeouts use signal.alarm. The pool is our own, a pipe per
+# worker, so that a stuck item (sympy in C code, which no alarm interrupts) is handled by killing
+# its worker and starting a fresh one, without a shared queue lock that the kill could leave held.
+
+ITEM_TIMEOUT_S = 60.0
+
+
+def score_one(response: str, ground_truth, ability: str) -> tuple[float, str]:
+    """(reward, reason) for one item; "math" -> math_reward, "code" -> code_reward (the ground
+    truth is the tests JSON). Never raises: an exception scores 0 with reason "error"."""
+    try:
+        if ability == "math":
+            return math_reward_with_reason(response, ground_truth)
+        if ability == "code":
+            return code_reward_with_reason(response, ground_truth)
+        return 0.0, "unknown_ability"
+    except Exception as e:
+        print(f"verifier: {ability} item scored 0, the checker raised {type(e).__name__}: {e}"[:500],
+              file=sys.stderr, flush=True)
+        return 0.0, "error"
+
+
+def _serve(conn, sandbox_status, tmp_dir):
+    """Worker loop: score the items sent down the pipe until it is closed (or we are killed)."""
+    global _BWRAP_STATUS
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _BWRAP_STATUS = sandbox_status  # probed (and warned about) once, in the parent
+    tempfile.tempdir = tmp_dir  # the batch removes it, with what a killed worker left behind
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        conn.send(score_one(*item))
+
+
+def score_batch(responses, ground_truths, abilities, workers: int = 2,
+                timeout: float = ITEM_TIMEOUT_S) -> tuple[list[float], dict[str, int]]:
+    """Rewards for a batch, scored in `workers` processes, and how many items had each reason
+    ("ok", "wrong", "partial", "no_answer", "timeout", "error", ...). An item still running after
+    `timeout` seconds scores 0 ("timeout"): its worker is killed and replaced. Never raises for
+    a bad item. For code, `timeout` bounds all of an item's tests together (each test has its own
+    `TEST_TIMEOUT_S`): keep it above their sum."""
+    items = list(zip(responses, ground_truths, abilities, strict=True))
+    sandbox_status = _sandbox_status() if any(ability == "code" for _, _, ability in items) else None
+    rewards, reasons = [0.0] * len(items), ["timeout"] * len(items)
+    # forkserver: workers fork from a small, single-threaded server that has imported this module
+    # and the main script once (fast to start, warm), not from the trainer (threads, CUDA, GBs).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "verifier"])
+    tmp_dir = tempfile.mkdtemp(prefix="prime_batch_")  # every temp file of the workers
+
+    def start():
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(theirs, sandbox_status, tmp_dir), daemon=True)
+        proc.start()
+        theirs.close()
+        return ours, proc
+
+    todo, idle, busy = deque(range(len(items))), [], {}  # busy: pipe -> (process, item, deadline)
+    try:
+        idle = [start() for _ in range(min(max(workers, 1), len(items)))]
+        while todo or busy:
+            while todo and idle:
+                conn, proc = idle.pop()
+                i = todo.popleft()
+                conn.send(items[i])
+                busy[conn] = (proc, i, time.monotonic() + timeout)
+            next_deadline = min(deadline for _, _, deadline in busy.values())
+            for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
+                proc, i, _ = busy.pop(conn)
+                try:
+                    rewards[i], reasons[i] = conn.recv()
+                    idle.append((conn, proc))
+                except (EOFError, OSError):  # the worker died (segfault, OOM kill)
+                    reasons[i] = "error"
+                    proc.join()
+                    conn.close()
+                    idle.append(start())
+            for conn, (proc, i, deadline) in list(busy.items()):
+                if time.monotonic() >= deadline:  # reasons[i] is already "timeout"
+                    del busy[conn]
+                    proc.kill()
+                    proc.join()
+                    conn.close()
+                    idle.append(start())
+    finally:
+        for conn, proc in idle + [(c, p) for c, (p, _, _) in busy.items()]:
+            proc.kill()
+            proc.join()
+            conn.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return rewards, dict(Counter(reasons))

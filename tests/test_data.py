@@ -69,3 +69,14 @@ def test_tokenizer_reads_any_text_and_renders_chat_prompts():
     assert tok.decode(tok(text)["input_ids"]) == text
     ids = data.prompt_token_ids(tok, [data.addition_row(345, 678)])[0]
     assert tok.decode(ids) == "<|im_start|>user\n345+678=<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_trainer_routes_each_row_to_its_verifier():
+    import prime
+    math_row = data.addition_row(345, 678)
+    code_row = {"data_source": "fixture/code", "ability": "code", "prompt": [{"role": "user", "content": "echo"}],
+                "reward_model": {"ground_truth": json.dumps({"inputs": ["1\n"], "outputs": ["1\n"]})}}
+    texts = [data.addition_solution(345, 678), "\\boxed{7}", "no code here"]
+    rewards, reasons = prime.outcome_rewards(texts, [math_row, math_row, code_row])
+    assert rewards.tolist() == [1.0, 0.0, 0.0]
+    assert reasons == {"ok": 1, "wrong": 1, "no_answer": 1}

@@ -2,6 +2,7 @@
 
 The verifier is replaced by a deterministic fake (outcome = parity of the response length), so an
 untrained model still gets mixed right/wrong groups and every reward path carries signal.
+(verifier.score_batch itself is tested in test_verifier.py and test_code_reward.py.)
 """
 import json
 import math
@@ -39,9 +40,14 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def parity_scores(responses, truths, abilities):
+    rewards = [float(len(r) % 2 == 0) for r in responses]
+    return rewards, {"ok": int(sum(rewards)), "wrong": len(rewards) - int(sum(rewards))}
+
+
 @pytest.fixture(autouse=True)
 def fake_verifier(monkeypatch):
-    monkeypatch.setattr(verifier, "math_reward", lambda response, truth: float(len(response) % 2 == 0))
+    monkeypatch.setattr(verifier, "score_batch", parity_scores)
 
 
 def run(model_dir, tmp_path, name, **overrides):
@@ -63,7 +69,7 @@ def weights(model):
 @pytest.fixture(scope="module")
 def default_run(tiny_model_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(verifier, "math_reward", lambda response, truth: float(len(response) % 2 == 0))
+        mp.setattr(verifier, "score_batch", parity_scores)
         return run(tiny_model_dir, tmp_path_factory.mktemp("runs"), "default")
 
 
@@ -72,6 +78,8 @@ def test_default_step_outputs_and_updates(default_run, tiny_model_dir):
     init = weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     m = default_run["metrics"]
     assert [x["step"] for x in m] == [0, 1, 2]
+    # the verifier's reasons are counted over every sampled response of the step
+    assert m[1]["verifier/ok"] + m[1]["verifier/wrong"] == 6
     for key in ["rollout/accuracy", "prm/loss", "prm/accuracy", "policy/loss", "policy/clipfrac",
                 "perf/step_seconds", "eval/accuracy"]:
         assert all(key in x for x in m[1:]), key
@@ -174,7 +182,7 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(tiny_model_dir, agg
 
 def test_filter_skips_steps_without_mixed_groups(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(verifier, "math_reward", lambda response, truth: 1.0)
+    monkeypatch.setattr(verifier, "score_batch", lambda responses, *_: ([1.0] * len(responses), {"ok": len(responses)}))
     out = run(tiny_model_dir, tmp_path, "filtered", filter_low=0.2, filter_high=0.8, max_filter_rounds=2)
     step1 = out["metrics"][1]
     assert step1["filter/kept_groups"] == 0 and step1["filter/rounds"] == 2 and step1["rollout/accuracy"] == 1.0
@@ -201,10 +209,6 @@ def test_trains_and_evaluates_on_jsonl_files(tiny_model_dir, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = run(tiny_model_dir, tmp_path, "files", data=str(path), eval_data=str(path))
     assert out["metrics"][2]["filter/kept_groups"] == 3
-    code_row = dict(rows[0], ability="code")
-    path.write_text(json.dumps(code_row) + "\n")
-    with pytest.raises(ValueError, match="code"):
-        run(tiny_model_dir, tmp_path, "code", data=str(path), eval_data=str(path))
 
 
 def test_resume_continues_exactly(tiny_model_dir, tmp_path):

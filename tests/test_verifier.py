@@ -7,7 +7,7 @@ import pytest
 
 import verifier
 from math_verify.errors import TimeoutException
-from verifier import extract_boxed, math_reward, math_reward_with_reason
+from verifier import extract_boxed, math_reward, math_reward_with_reason, score_batch
 
 
 @pytest.mark.parametrize(
@@ -69,6 +69,67 @@ CASES = [
     (r"\boxed{1 \text{ or } 5}", "5", 0.0),  # hedging between candidates earns nothing
     (r"first \boxed{3}, corrected: \boxed{5}", "5", 1.0),
     (r"first \boxed{5}, corrected: \boxed{3}", "5", 0.0),
+    # percentages, sets, intervals, tuples, matrices
+    (r"\boxed{50\%}", "50", 1.0),
+    (r"\boxed{50\%}", r"50\%", 1.0),
+    (r"\boxed{0.5}", r"50\%", 1.0),
+    (r"\boxed{25\%}", "50", 0.0),
+    (r"\boxed{\{1,2,3\}}", r"\{3,2,1\}", 1.0),
+    (r"\boxed{\{1,2\}}", r"\{1,2,3\}", 0.0),
+    (r"\boxed{(0,1)}", "(0,1)", 1.0),
+    (r"\boxed{(0,1]}", "(0,1)", 0.0),
+    (r"\boxed{[0,1]}", "[0,1]", 1.0),
+    (r"\boxed{[2,\infty)}", r"[2,\infty)", 1.0),
+    (r"\boxed{(2,\infty)}", r"[2,\infty)", 0.0),
+    (r"\boxed{(-\infty,3)\cup(3,\infty)}", r"(-\infty,3)\cup(3,\infty)", 1.0),
+    (r"\boxed{(1,2,3)}", "(1,2,3)", 1.0),
+    (r"\boxed{(1,2,3)}", "(1,3,2)", 0.0),
+    (r"\boxed{\begin{pmatrix}1&2\\3&4\end{pmatrix}}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", 1.0),
+    (r"\boxed{\begin{pmatrix}1&2\\3&4\end{pmatrix}}", r"\begin{pmatrix}1&3\\2&4\end{pmatrix}", 0.0),
+    (r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0),
+    # thousands separators, degrees, scientific notation (`1.5e3` is left out: in LaTeX the e
+    # could be Euler's number, and math-verify scores it 0)
+    (r"\boxed{1,000}", "1000", 1.0),
+    (r"\boxed{1{,}000{,}000}", "1000000", 1.0),
+    (r"\boxed{12,345}", "12345", 1.0),
+    (r"\boxed{30^\circ}", "30", 1.0),
+    (r"\boxed{30^{\circ}}", r"30^\circ", 1.0),
+    (r"\boxed{45^\circ}", "30", 0.0),
+    (r"\boxed{1.5 \times 10^{3}}", "1500", 1.0),
+    (r"\boxed{2 \times 10^{-3}}", "0.002", 1.0),
+    (r"\boxed{3 \times 10^{3}}", "300", 0.0),
+    # pi, surds, near misses
+    (r"\boxed{2\pi}", r"2\pi", 1.0),
+    (r"\boxed{\pi r^2}", r"r^2\pi", 1.0),
+    (r"\boxed{6.28}", r"2\pi", 0.0),
+    (r"\boxed{2\sqrt{3}}", r"\sqrt{12}", 1.0),
+    (r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt{2}}{2}", 1.0),
+    (r"\boxed{3\sqrt{2}}", r"\sqrt{18}", 1.0),
+    (r"\boxed{\sqrt{3}}", r"\sqrt{2}", 0.0),
+    (r"\boxed{1+\sqrt{5}}", r"\sqrt{5}+1", 1.0),
+    (r"\boxed{\frac{1+\sqrt{5}}{2}}", r"\frac{1-\sqrt{5}}{2}", 0.0),
+    (r"\boxed{100}", "101", 0.0),
+    (r"\boxed{0.333}", r"\frac13", 0.0),
+    (r"\boxed{\frac{2}{3}}", r"\frac{3}{2}", 0.0),
+    # fractions, algebra, units, answer forms
+    (r"\boxed{-\frac{1}{2}}", r"\frac{-1}{2}", 1.0),
+    (r"\boxed{\frac{10}{4}}", r"\frac52", 1.0),
+    (r"\boxed{2.5}", r"\frac52", 1.0),
+    (r"\boxed{x^2-1}", "(x-1)(x+1)", 1.0),
+    (r"\boxed{x^2+1}", "(x-1)(x+1)", 0.0),
+    (r"\boxed{y = 2x + 3}", "2x+3", 1.0),
+    (r"\boxed{\$5.00}", "5", 1.0),
+    (r"\boxed{5 \text{ dollars}}", "5", 1.0),
+    (r"\boxed{\text{(B)}}", "B", 1.0),
+    (r"\boxed{\infty}", r"\infty", 1.0),
+    (r"\boxed{x \in [1, 3)}", "[1,3)", 1.0),
+    (r"\boxed{3, 5}", r"5, 3", 1.0),  # a bare list of solutions is a set; (1,2) above is a tuple
+    (r"\boxed{10^{2}}", "100", 1.0),
+    (r"\boxed{2^{10}}", "1024", 1.0),
+    (r"\boxed{\binom{5}{2}}", "10", 1.0),
+    (r"\boxed{5!}", "120", 1.0),
+    (r"\boxed{\log_2 8}", "3", 1.0),
+    (r"\boxed{0.1 + 0.2}", "0.3", 1.0),
 ]
 
 
@@ -106,10 +167,68 @@ def test_checker_timeout_scores_zero(monkeypatch):
 def test_long_response_returns_quickly():
     t = time.perf_counter()
     assert math_reward("word " * 40_000 + r"\boxed{\frac{1}{2}}", "0.5") == 1.0
-    # A 200k-character pathological answer: math-verify's real timeout stops it.
-    nested = "(" * 100_000 + "1" + ")" * 100_000
-    assert math_reward_with_reason(r"\boxed{" + nested + "}", "1") == (0.0, "timeout")
-    assert time.perf_counter() - t < 3 * verifier.TIMEOUT_S
+    assert time.perf_counter() - t < 1.0
+
+
+PATHOLOGICAL = [
+    # (response, reasons it may score 0 with): each must return 0 within 5 s, never hang or raise
+    (r"\boxed{9^{9^{9^{9}}}}", {"timeout", "wrong"}),
+    (r"\boxed{1000000!}", {"timeout", "wrong"}),
+    (r"\boxed{(10^{10})!}", {"timeout", "wrong"}),
+    (r"\boxed{2^{2^{40}}}", {"timeout", "wrong"}),
+    (r"\boxed{" + "(" * 300 + "1" + ")" * 300 + "}", {"timeout", "wrong"}),  # deep, under the cap
+    (r"\boxed{" + "{" * 1000 + "1" + "}" * 1000 + "}", {"too_long"}),  # thousand-deep nesting
+    (r"\boxed{" + r"\frac{1}{" * 1000 + "2" + "}" * 1000 + "}", {"too_long"}),
+    (r"\boxed{" + "1+" * 100_000 + "1}", {"too_long"}),  # a 200k-character answer
+    (r"\boxed{" + "(" * 100_000 + "1" + ")" * 100_000 + "}", {"too_long"}),
+    (r"\boxed{\frac{1}{2}", {"no_answer"}),  # unbalanced braces
+    (r"\boxed{\left( 1 }", {"wrong", "error"}),  # unbalanced \left
+    (r"\boxed{}}}{{{5}", {"no_answer"}),
+    ("\\boxed{5\x00}", {"invalid"}),  # NUL byte
+    ("\x00" * 1000 + "\\boxed{\x00}", {"invalid"}),
+]
+
+
+@pytest.mark.parametrize("response, reasons", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
+def test_pathological_answers_score_zero_quickly(response, reasons):
+    t = time.perf_counter()
+    reward, reason = math_reward_with_reason(response, "5")
+    assert reward == 0.0 and reason in reasons
+    assert time.perf_counter() - t < 5.0
+
+
+def test_score_batch_math_and_reasons():
+    rewards, info = score_batch(
+        [r"\boxed{5}", r"\boxed{\frac12}", r"\boxed{4}", "no box", r"\boxed{" + "1" * 2000 + "}", r"\boxed{1}"],
+        ["5", "0.5", "5", "5", "1", "1"],
+        ["math", "math", "math", "math", "math", "poetry"],
+    )
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert info == {"ok": 2, "wrong": 1, "no_answer": 1, "too_long": 1, "unknown_ability": 1}
+
+
+def test_score_batch_bad_items_never_raise():
+    rewards, info = score_batch([None, r"\boxed{1}", "```python\nprint(1)\n```", r"\boxed{2}"],
+                                ["1", None, "not json", "2"], ["math", "math", "code", "math"])
+    assert rewards == [0.0, 0.0, 0.0, 1.0]
+    assert info == {"error": 3, "ok": 1}
+
+
+def test_score_batch_stuck_item_times_out_and_the_rest_finish():
+    # An item that runs past the batch deadline (here: a program that loops while its per-test
+    # timeout is longer) scores 0 as "timeout"; its worker is replaced and the other items finish.
+    loop = "```python\nwhile True: pass\n```"
+    tests = {"inputs": ["1"], "outputs": ["1"]}
+    t = time.perf_counter()
+    rewards, info = score_batch([loop, loop] + [r"\boxed{3}"] * 6, [tests, tests] + ["3"] * 6,
+                                ["code", "code"] + ["math"] * 6, workers=2, timeout=1.5)
+    assert rewards == [0.0, 0.0] + [1.0] * 6
+    assert info == {"timeout": 2, "ok": 6}
+    assert time.perf_counter() - t < 15
+
+
+def test_score_batch_empty():
+    assert score_batch([], [], []) == ([], {})
 
 
 def test_thread_is_refused():
