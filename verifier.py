@@ -13,9 +13,9 @@ math-verify times out with `signal.alarm`, which works only in a process's main 
 from a thread. Calling it from a thread raises at once rather than silently scoring everything 0.
 """
 
+import atexit
 import json
 import math
-import multiprocessing
 import os
 import re
 import resource
@@ -336,11 +336,14 @@ def code_reward(response: str, tests, timeout_s: float = TEST_TIMEOUT_S) -> floa
 # ==============================================================================================
 # Batches: many items in worker processes, each with a hard deadline.
 #
-# Processes, not threads: math-verify's timeouts use signal.alarm. The pool is our own, a pipe per
-# worker, so that a stuck item (sympy in C code, which no alarm interrupts) is handled by killing
-# its worker and starting a fresh one, without a shared queue lock that the kill could leave held.
+# Processes, not threads: math-verify's timeouts use signal.alarm. The workers are plain
+# `python -c "import verifier; ..."` subprocesses, started once and reused for the whole run,
+# talking one JSON line per item each way: they never import the trainer's main script (torch,
+# transformers: seconds per start) and share no lock, so a stuck item (sympy in C code, which no
+# alarm interrupts) is handled by killing its worker and starting a fresh one.
 
 ITEM_TIMEOUT_S = 60.0
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def score_one(response: str, ground_truth, ability: str) -> tuple[float, str]:
@@ -358,18 +361,57 @@ def score_one(response: str, ground_truth, ability: str) -> tuple[float, str]:
         return 0.0, "error"
 
 
-def _serve(conn, sandbox_status, tmp_dir):
-    """Worker loop: score the items sent down the pipe until it is closed (or we are killed)."""
+def _serve():
+    """Worker loop: read one JSON item per line on stdin, write its (reward, reason) on stdout."""
     global _BWRAP_STATUS
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _BWRAP_STATUS = sandbox_status  # probed (and warned about) once, in the parent
-    tempfile.tempdir = tmp_dir  # the batch removes it, with what a killed worker left behind
-    while True:
-        try:
-            item = conn.recv()
-        except EOFError:
-            return
-        conn.send(score_one(*item))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # a stray print in a checker must not corrupt the replies
+    sys.stdout = sys.stderr
+    for line in sys.stdin:  # ends when the trainer closes the pipe or dies
+        response, ground_truth, ability, sandbox_status = json.loads(line)
+        if sandbox_status is not None:
+            _BWRAP_STATUS = sandbox_status  # probed (and warned about) once, in the trainer
+        replies.write(json.dumps(score_one(response, ground_truth, ability)) + "\n")
+        replies.flush()
+
+
+class _Worker:
+    """A scoring subprocess with its own temp dir (removed with it, with what a killed test left)."""
+
+    def __init__(self):
+        self.tmp_dir = tempfile.mkdtemp(prefix="prime_verifier_")
+        env = dict(os.environ, TMPDIR=self.tmp_dir, PYTHONPATH=os.pathsep.join(
+            p for p in (_HERE, os.environ.get("PYTHONPATH")) if p))
+        self.proc = subprocess.Popen([sys.executable, "-c", "import verifier; verifier._serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.item = None  # index of the item in flight
+        self.deadline = math.inf
+
+    def send(self, i, line: str, timeout):
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+        self.item, self.deadline = i, time.monotonic() + timeout
+
+    def receive(self) -> tuple[float, str] | None:
+        """The reply to the item in flight; None if the worker died."""
+        line = self.proc.stdout.readline()
+        self.item, self.deadline = None, math.inf
+        return tuple(json.loads(line)) if line else None
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+_POOL: list[_Worker] = []  # started on first use, reused by every batch, closed at exit
+
+
+@atexit.register
+def _close_pool():
+    while _POOL:
+        _POOL.pop().close()
 
 
 def score_batch(responses, ground_truths, abilities, workers: int = 2,
@@ -382,50 +424,47 @@ def score_batch(responses, ground_truths, abilities, workers: int = 2,
     items = list(zip(responses, ground_truths, abilities, strict=True))
     sandbox_status = _sandbox_status() if any(ability == "code" for _, _, ability in items) else None
     rewards, reasons = [0.0] * len(items), ["timeout"] * len(items)
-    # forkserver: workers fork from a small, single-threaded server that has imported this module
-    # and the main script once (fast to start, warm), not from the trainer (threads, CUDA, GBs).
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "verifier"])
-    tmp_dir = tempfile.mkdtemp(prefix="prime_batch_")  # every temp file of the workers
-
-    def start():
-        ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(theirs, sandbox_status, tmp_dir), daemon=True)
-        proc.start()
-        theirs.close()
-        return ours, proc
-
-    todo, idle, busy = deque(range(len(items))), [], {}  # busy: pipe -> (process, item, deadline)
+    todo = deque(range(len(items)))
+    while len(_POOL) < min(max(workers, 1), len(items)):
+        _POOL.append(_Worker())
+    pool = _POOL[:max(workers, 1)]
+    for worker in pool:
+        if worker.proc.poll() is not None:  # died since the last batch (e.g. the OOM killer)
+            _replace(worker, pool)
     try:
-        idle = [start() for _ in range(min(max(workers, 1), len(items)))]
-        while todo or busy:
-            while todo and idle:
-                conn, proc = idle.pop()
-                i = todo.popleft()
-                conn.send(items[i])
-                busy[conn] = (proc, i, time.monotonic() + timeout)
-            next_deadline = min(deadline for _, _, deadline in busy.values())
-            for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
-                proc, i, _ = busy.pop(conn)
-                try:
-                    rewards[i], reasons[i] = conn.recv()
-                    idle.append((conn, proc))
-                except (EOFError, OSError):  # the worker died (segfault, OOM kill)
-                    reasons[i] = "error"
-                    proc.join()
-                    conn.close()
-                    idle.append(start())
-            for conn, (proc, i, deadline) in list(busy.items()):
-                if time.monotonic() >= deadline:  # reasons[i] is already "timeout"
-                    del busy[conn]
-                    proc.kill()
-                    proc.join()
-                    conn.close()
-                    idle.append(start())
+        while True:
+            for worker in pool:
+                while todo and worker.item is None:
+                    i = todo.popleft()
+                    try:
+                        line = json.dumps([*items[i], sandbox_status])
+                    except (TypeError, ValueError):  # not a string or a tests dict
+                        reasons[i] = "error"
+                        continue
+                    worker.send(i, line, timeout)
+            busy = [w for w in pool if w.item is not None]
+            if not busy:
+                break
+            next_deadline = min(w.deadline for w in busy)
+            ready = wait([w.proc.stdout for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+            for worker in busy:
+                if worker.proc.stdout in ready:
+                    i, reply = worker.item, worker.receive()
+                    if reply is None:  # the worker died (segfault, OOM kill)
+                        reasons[i] = "error"
+                        _replace(worker, pool)
+                    else:
+                        rewards[i], reasons[i] = reply
+                elif time.monotonic() >= worker.deadline:  # reasons[i] is already "timeout"
+                    _replace(worker, pool)
     finally:
-        for conn, proc in idle + [(c, p) for c, (p, _, _) in busy.items()]:
-            proc.kill()
-            proc.join()
-            conn.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for worker in pool:
+            if worker.item is not None:  # interrupted (Ctrl-C): its late reply must not reach the next batch
+                _replace(worker, pool)
     return rewards, dict(Counter(reasons))
+
+
+def _replace(worker, pool):
+    worker.close()
+    fresh = _Worker()
+    pool[pool.index(worker)] = _POOL[_POOL.index(worker)] = fresh

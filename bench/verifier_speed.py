@@ -71,8 +71,8 @@ def main():
     args = parser.parse_args()
     rng = random.Random(0)
     t = time.perf_counter()
-    score_batch([r"\boxed{1}"], ["1"], ["math"], workers=1)
-    print(f"first batch (forkserver start, math-verify import): {time.perf_counter() - t:.2f} s")
+    score_batch([r"\boxed{1}"] * args.workers, ["1"] * args.workers, ["math"] * args.workers, workers=args.workers)
+    print(f"first batch (starts the workers, which import math-verify): {time.perf_counter() - t:.2f} s")
     timed("math (GSM-style)", *math_items(1000, rng), "math", args.workers)
     timed("code (3 sandboxed tests each)", *code_items(100, rng), "code", args.workers)
 

@@ -1,5 +1,8 @@
 """Tests for verifier.py: boxed-answer extraction and the math outcome reward."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -244,3 +247,34 @@ def test_thread_is_refused():
     thread.start()
     thread.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def test_score_batch_reuses_its_workers_and_replaces_dead_ones():
+    score_batch([r"\boxed{1}"] * 2, ["1"] * 2, ["math"] * 2, workers=2)
+    pids = [w.proc.pid for w in verifier._POOL[:2]]
+    score_batch([r"\boxed{1}"] * 2, ["1"] * 2, ["math"] * 2, workers=2)
+    assert [w.proc.pid for w in verifier._POOL[:2]] == pids  # warm: no start-up per batch
+    verifier._POOL[0].proc.kill()
+    verifier._POOL[0].proc.wait()
+    assert score_batch([r"\boxed{1}"] * 4, ["1"] * 4, ["math"] * 4, workers=2) == ([1.0] * 4, {"ok": 4})
+    assert verifier._POOL[0].proc.pid != pids[0]
+
+
+def test_score_batch_from_a_script_without_a_main_guard(tmp_path):
+    # Workers never import the caller's main script (a multiprocessing pool would re-run it).
+    script = tmp_path / "score.py"
+    script.write_text("import verifier\nprint(verifier.score_batch([r'\\boxed{2}', 'x'], ['2', '2'], ['math'] * 2))\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(verifier.__file__))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.strip() == "([1.0, 0.0], {'ok': 1, 'no_answer': 1})", out.stderr
+
+
+def test_score_batch_interrupted_leaves_no_late_reply_behind(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as mp:
+        mp.setattr(verifier, "wait", interrupted)  # Ctrl-C while items are in flight
+        with pytest.raises(KeyboardInterrupt):
+            score_batch([r"\boxed{1}"] * 2, ["1"] * 2, ["math"] * 2, workers=2)
+    # The interrupted items' replies would otherwise be read as the answers to these.
+    assert score_batch([r"\boxed{1}", "x"], ["2", "2"], ["math"] * 2, workers=2) == ([0.0, 0.0], {"wrong": 1, "no_answer": 1})
