@@ -366,8 +366,7 @@ def _serve():
     global _BWRAP_STATUS
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # a stray print in a checker must not corrupt the replies
-    sys.stdout = sys.stderr
+    os.dup2(2, 1)  # a stray print in a checker goes to stderr, not into the replies
     for line in sys.stdin:  # ends when the trainer closes the pipe or dies
         response, ground_truth, ability, sandbox_status = json.loads(line)
         if sandbox_status is not None:
@@ -389,8 +388,11 @@ class _Worker:
         self.deadline = math.inf
 
     def send(self, i, line: str, timeout):
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write((line + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died: its stdout is at EOF, so `receive` reports it
+            pass
         self.item, self.deadline = i, time.monotonic() + timeout
 
     def receive(self) -> tuple[float, str] | None:
@@ -460,7 +462,8 @@ def score_batch(responses, ground_truths, abilities, workers: int = 2,
     finally:
         for worker in pool:
             if worker.item is not None:  # interrupted (Ctrl-C): its late reply must not reach the next batch
-                _replace(worker, pool)
+                worker.close()
+                _POOL.remove(worker)
     return rewards, dict(Counter(reasons))
 
 

@@ -278,3 +278,12 @@ def test_score_batch_interrupted_leaves_no_late_reply_behind(monkeypatch):
             score_batch([r"\boxed{1}"] * 2, ["1"] * 2, ["math"] * 2, workers=2)
     # The interrupted items' replies would otherwise be read as the answers to these.
     assert score_batch([r"\boxed{1}", "x"], ["2", "2"], ["math"] * 2, workers=2) == ([0.0, 0.0], {"wrong": 1, "no_answer": 1})
+
+
+def test_score_batch_worker_dead_before_its_item_is_sent():
+    score_batch([r"\boxed{1}"], ["1"], ["math"], workers=1)
+    worker = verifier._POOL[0]
+    worker.proc.kill()
+    worker.proc.wait()
+    worker.send(0, "[]", 60.0)  # what a batch does if the worker dies between two items
+    assert worker.receive() is None
