@@ -84,6 +84,7 @@ def warm_up(model, tokenizer, target: float, seed: int, max_steps=1000, batch_si
         if step % check_every == 0:
             model.eval()
             acc = prime.evaluate(prime.HFRollout(model, tokenizer, engine_args), tokenizer, valid)
+            model.requires_grad_(True)
             model.train()
             print(f"warm-up step {step}: loss {loss.item():.3f}, validation accuracy {acc:.1%} ({time.time() - t0:.0f}s)")
             if acc >= target:

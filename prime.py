@@ -23,9 +23,10 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -44,7 +45,9 @@ class Args:
     run_dir: str = arg("", "output folder; '' = runs/<timestamp>")
     seed: int = arg(0, "seed of data order, sampling and init")
     # rollout
-    rollout: str = arg("hf", "rollout engine", choices=["hf"])
+    rollout: str = arg("hf", "rollout engine: HF generate (CPU, tests, GPU fallback) or vLLM (GPU)", choices=["hf", "vllm"])
+    vllm_gpu_memory_utilization: float = arg(0.3, "vllm: fraction of each GPU for its weights and KV cache (the "
+                                             "rest holds the sharded policy, PRM, reference and optimizers)")
     steps: int = arg(150, "training steps (each: sample, verify, filter, PRM update, policy update)")
     prompts_per_step: int = arg(64, "prompt groups trained on per step (after filtering)")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt (RLOO needs K >= 2)")
@@ -277,14 +280,75 @@ def pairwise_accuracy(scores, outcome, k):
 
 
 # ==============================================================================================
-# Models and the rollout engine
-def setup_models(args, model_path, checkpoint=None):
+# Distribution: one process, or one per GPU under torchrun (FSDP2; gloo on CPU for tests)
+def init_distributed():
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    and one GPU per rank, or gloo on CPU. Without torchrun: one process on cuda:0 or the CPU."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def all_reduce(x, op):
+    """The `reduce` of the math under torchrun: "sum", "max" or "min" of tensor x over all ranks
+    (a new tensor; x itself is unchanged). Identity in one process."""
+    if not dist.is_initialized():
+        return x
+    # NCCL reduces GPU tensors only; a CPU statistic travels through this rank's GPU and back
+    y = x.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device, copy=True)
+    dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return y.to(x.device)
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def scalar(x):
+    """A Python float from a tensor or a DTensor (FSDP2's grad norm is one: gather it first)."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+# ==============================================================================================
+# Models and the rollout engines
+def setup_models(args, model_path, device, checkpoint=None):
     """Policy (trained), PRM (trained, same init) and reference (frozen), all from one checkpoint
-    (policy and PRM from `checkpoint` when resuming). The one place where models are built, so
-    FSDP sharding can wrap them here."""
+    (policy and PRM from `checkpoint` when resuming). The one place where models are built: under
+    torchrun each is sharded with FSDP2, every decoder layer and then the root."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    load = lambda path=model_path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    def load(path=model_path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights
+        if not dist.is_initialized():
+            return model.to(device)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        # GPU: bf16 forward/backward, fp32 gradient reduction and optimizer. CPU: fp32 throughout
+        # (bf16 is 20x slower on these CPUs). PRM and reference use the same policy, so q = 0
+        # exactly where they are equal (pitfall: different kernels make q noise).
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=precision)
+        return fully_shard(model, mesh=mesh, mp_policy=precision)
+
     policy = load(os.path.join(checkpoint, "policy") if checkpoint else model_path).train()
     use_prm = not args.no_prm and args.process_reward_coef != 0
     prm = load(os.path.join(checkpoint, "prm") if checkpoint else model_path).train() if use_prm else None
@@ -296,34 +360,44 @@ def setup_models(args, model_path, checkpoint=None):
 
 
 def full_weights(model):
-    """(name, full tensor) for every parameter and buffer, in a fixed order; sharded DTensors
-    are gathered (every rank must iterate in the same order)."""
+    """(HF name, full tensor) for every parameter and buffer of a (sharded) model. A collective
+    under FSDP2: every rank iterates in the same (state_dict) order and gathers each tensor."""
     for name, t in model.state_dict().items():
         yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class HFRollout:
-    """Rollout engine: an unsharded copy of the policy that samples with HF generate(). It keeps
-    its own weights, refreshed by sync() after every update, as a vLLM engine would."""
+def stop_tokens(generation_config, tokenizer):
+    """(EOS ids, pad id): the tokenizer's EOS and every EOS of the model's generation config."""
+    gen_eos = generation_config.eos_token_id
+    eos_ids = sorted((set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}) - {None})
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
-    def __init__(self, policy, tokenizer, args):
-        import copy
-        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.tokenizer, self.args = tokenizer, args
-        gen_eos = self.model.generation_config.eos_token_id
-        self.eos_ids = sorted((set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}) - {None})
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+class HFRollout:
+    """Rollout engine: an unsharded copy of the policy on this rank's device (`model`, loaded by
+    the caller) that samples with HF generate(). It keeps its own weights, refreshed by sync()
+    after every update, as vLLM does."""
+
+    def __init__(self, model, tokenizer, args):
+        self.model, self.args, self.device = model.eval().requires_grad_(False), args, model.device
+        self.eos_ids, self.pad_id = stop_tokens(self.model.generation_config, tokenizer)
 
     @torch.no_grad()
     def sync(self, policy):
-        params = self.model.state_dict()
+        """Copy the policy's full weights in; refuse (at step 0 and after) if any is left out."""
+        params, loaded = self.model.state_dict(), set()
         for name, tensor in full_weights(policy):
             params[name].copy_(tensor)
+            loaded.add(name)
+        if loaded != set(params):
+            raise RuntimeError(f"rollout sync left engine weights stale: {sorted(set(params) - loaded)[:5]}")
 
     @torch.no_grad()
     def generate(self, prompts, greedy=False):
-        """prompts: list of token-id lists -> list of response token-id lists (ending at EOS)."""
+        """prompts: list of token-id lists -> (responses: token-id lists ending at EOS, their
+        per-token log-probs under the engine's weights at the sampling temperature)."""
         ids, attn = left_pad(prompts, self.pad_id)
+        ids, attn = ids.to(self.device), attn.to(self.device)
         sampling = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0)  # HF's default top_k is 50
         out = self.model.generate(input_ids=ids, attention_mask=attn,
@@ -331,7 +405,51 @@ class HFRollout:
                                   eos_token_id=self.eos_ids, **sampling)
         responses = out[:, ids.shape[1]:]
         mask = response_mask(responses, self.eos_ids)
-        return [r[: int(m.sum())].tolist() for r, m in zip(responses, mask)]
+        responses = [r[: int(m.sum())].tolist() for r, m in zip(responses, mask)]
+        if greedy:
+            return responses, None
+        # The engine's own log-probs of what it sampled (vLLM returns these); compared with the
+        # trainer's each step, a gap means the engine sampled from stale weights.
+        batch = collate(prompts, responses, self.pad_id)
+        logp = batched_logprobs(self.model, tuple(t.to(self.device) for t in batch), self.args.micro_batch_size, self.args.temperature)
+        return responses, [row[: len(r)].tolist() for row, r in zip(logp, responses)]
+
+
+class VLLMRollout:
+    """Rollout engine on vLLM (GPU only; written against vLLM 0.20-0.33, V1 engine in-process):
+    one engine per rank (`external_launcher`, tensor_parallel_size=1), new weights loaded in place
+    after every update. Not runnable in this project's CI (no GPU, and vLLM pins its own torch):
+    keep it this thin; sync() shares HFRollout's weight stream and coverage check."""
+
+    def __init__(self, model_path, tokenizer, args):
+        from transformers import GenerationConfig
+        from vllm import LLM, SamplingParams  # imported only here: CPU runs and tests never need vLLM
+        self.llm = LLM(model=model_path, dtype="bfloat16", seed=args.seed + int(os.environ.get("RANK", 0)),
+                       tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+                       gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                       max_model_len=args.max_prompt_len + args.max_response_len,
+                       logprobs_mode="processed_logprobs")  # log-probs after temperature, as the trainer's
+        self.args, self.SamplingParams = args, SamplingParams
+        self.eos_ids, self.pad_id = stop_tokens(GenerationConfig.from_pretrained(model_path), tokenizer)
+
+    @torch.no_grad()
+    def sync(self, policy):
+        """Load the policy's full weights in place; refuse if any engine parameter was not loaded."""
+        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        loaded = model.load_weights(full_weights(policy))  # HF names; vLLM fuses q/k/v itself
+        missing = {name for name, _ in model.named_parameters()} - set(loaded)
+        if missing:
+            raise RuntimeError(f"rollout sync left vLLM weights stale: {sorted(missing)[:5]}")
+        self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
+
+    def generate(self, prompts, greedy=False):
+        params = self.SamplingParams(
+            temperature=0.0 if greedy else self.args.temperature, top_p=1.0 if greedy else self.args.top_p,
+            max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        responses = [list(o.outputs[0].token_ids) for o in outputs]
+        logps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+        return responses, (None if greedy else logps)
 
 
 def left_pad(seqs, pad_id):
@@ -382,7 +500,7 @@ def update_prm(prm, opt, batch, ref_logp, outcome, args):
             (loss * (j - i) / (hi - lo)).backward()  # mean over the mini-batch's sequences
             q[i:j] = q_mb.detach()
             stats["prm/loss"] += loss.item() * (j - i) / B
-        stats["prm/grad_norm"] += torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_grad_clip).item() / n_minibatches
+        stats["prm/grad_norm"] += scalar(torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_grad_clip)) / n_minibatches
         opt.step()
         opt.zero_grad(set_to_none=True)
     if args.prm_update == "before":
@@ -394,14 +512,16 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen)
     """PPO-clip epochs over shuffled mini-batches (Eq. 6), with optional KL and entropy terms."""
     ids, attn, mask = batch
     B, R = mask.shape
-    totals, count, grad_norms = {}, 0, []
+    totals, count, grad_norms, losses, world = {}, 0, [], [], world_size()
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B, generator=gen)
         for lo in range(0, B, args.mini_batch_size):
             idx_mb = order[lo:lo + args.mini_batch_size]
             # Each micro-batch's loss is weighted by its share of the mini-batch (sequences or
             # tokens, as agg averages), so accumulation gives exactly the mini-batch gradient.
-            mb_tokens = mask[idx_mb].sum()
+            # Under FSDP gradients are averaged over ranks, which hold equal numbers of sequences;
+            # for token-mean each rank's share of the global tokens is scaled back by world size.
+            mb_tokens, mb_loss = all_reduce(mask[idx_mb].sum(), "sum") / world, 0.0
             for i in range(0, len(idx_mb), args.micro_batch_size):
                 idx = idx_mb[i:i + args.micro_batch_size]
                 m = mask[idx]
@@ -416,23 +536,29 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen)
                     loss = loss - args.entropy_coef * masked_aggregate(entropy, m, args.loss_agg)
                 weight = (m.sum() / mb_tokens) if args.loss_agg == "token-mean" else len(idx) / len(idx_mb)
                 (loss * weight).backward()
-                stats["loss"] = loss.item()
+                mb_loss += (loss * weight).item()  # the mini-batch's objective, as its gradient sees it
                 for key, v in stats.items():
                     totals[key] = totals.get(key, 0.0) + v * len(idx)
                 count += len(idx)
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item())
+            grad_norms.append(scalar(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)))
+            losses.append(mb_loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return {"policy/grad_norm": sum(grad_norms) / len(grad_norms), **{f"policy/{key}": v / count for key, v in totals.items()}}
+    return {"policy/loss": sum(losses) / len(losses), "policy/grad_norm": sum(grad_norms) / len(grad_norms),
+            **{f"policy/{key}": v / count for key, v in totals.items()}}
 
 
-def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen):
-    """Phases 4-7 of one step on a filtered batch: log-probs, PRM, advantages, policy update.
-    Returns the implicit rewards q [B, R] (None without a PRM) and the step's metrics."""
+def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen, engine_logp=None):
+    """Phases 4-7 of one step on this rank's filtered batch: log-probs, PRM, advantages, policy
+    update. Batch-wide statistics are taken over all ranks. engine_logp [B, R]: the rollout
+    engine's log-probs of the sampled tokens, compared with the trainer's (a stale-weights alarm).
+    Returns the implicit rewards q [B, R] (None without a PRM), the advantages and the metrics."""
     mask, K, metrics = batch[2], args.samples_per_prompt, {}
     # 4. log-probs of the sampling policy and of the reference, no grad
     old_logp = batched_logprobs(policy, batch, args.micro_batch_size, args.temperature)
     ref_logp = batched_logprobs(ref, batch, args.micro_batch_size, args.temperature) if ref is not None else None
+    if engine_logp is not None:
+        metrics["rollout/logp_gap"] = masked_aggregate((engine_logp - old_logp).abs(), mask, "token-mean").item()
 
     # 5. implicit process rewards and the PRM's CE update on outcome labels
     q = r = None
@@ -441,16 +567,16 @@ def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuf
         metrics.update(prm_metrics)
         # held out for "after" (q is read before the PRM trains on this batch); in-sample for "before"
         metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K)
-        r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm)
+        r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm, all_reduce)
         # size of the process return next to the 0/1 outcome: how much the PRM steers
         metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
 
-    # 6. advantages: RLOO of process and outcome rewards, summed, whitened
-    advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten)
+    # 6. advantages: RLOO of process and outcome rewards, summed, whitened over all ranks
+    advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten, all_reduce)
 
     # 7. PPO-clip policy update
     metrics.update(update_policy(policy, policy_opt, batch, old_logp, ref_logp, advantages, args, shuffle_gen))
-    return q, metrics
+    return q, advantages, metrics
 
 
 def outcome_rewards(texts, rows):
@@ -464,14 +590,16 @@ def outcome_rewards(texts, rows):
 
 
 def evaluate(engine, tokenizer, rows, batch_size=256):
-    """Greedy accuracy of the rollout engine's policy on `rows`."""
+    """Greedy accuracy of the rollout engine's policy on `rows`, each rank scoring its share."""
     from data import prompt_token_ids
-    prompts = prompt_token_ids(tokenizer, rows)
-    responses = []
+    rank, world = (dist.get_rank(), world_size()) if dist.is_initialized() else (0, 1)
+    mine = rows[rank::world]
+    prompts, responses = prompt_token_ids(tokenizer, mine), []
     for i in range(0, len(prompts), batch_size):
-        responses += engine.generate(prompts[i:i + batch_size], greedy=True)
-    scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), rows)
-    return scores.mean().item()
+        responses += engine.generate(prompts[i:i + batch_size], greedy=True)[0]
+    scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine)
+    correct = all_reduce(torch.tensor([scores.sum().item(), float(len(mine))], dtype=torch.float64), "sum")
+    return (correct[0] / correct[1]).item()
 
 
 def sample_records(step, tokenizer, batch, q, outcome, args):
@@ -494,21 +622,49 @@ def checkpoints(run_dir):
     return sorted(glob.glob(os.path.join(run_dir, "checkpoint-[0-9]*[0-9]")))
 
 
-def save_checkpoint(run_dir, step, policy, prm, tokenizer, trainer_state):
+def save_checkpoint(run_dir, step, models, optimizers, tokenizer, trainer_state):
     """policy/ and prm/ as HF folders (loadable by transformers and vLLM as they are) plus the
-    optimizer, RNG and data state. Written to a temp folder and renamed into place, so a crash
-    mid-save leaves the previous checkpoint whole; older checkpoints are removed after."""
+    optimizer states and `trainer_state` (step, data position, each rank's RNG states). Every rank
+    calls it (gathering sharded weights is a collective); rank 0 writes to a temp folder and
+    renames it into place, so a crash mid-save leaves the previous checkpoint whole; older
+    checkpoints are removed after. `models`: {"policy": model, "prm": model or None}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets everything, on CPU
+    models = {name: m for name, m in models.items() if m is not None}
+    weights = {name: get_model_state_dict(m, options=full) for name, m in models.items()}
+    opt_states = [get_optimizer_state_dict(m, opt, options=full) for m, opt in zip(models.values(), optimizers)]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(os.path.join(tmp, "policy"))
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(tmp, name), state_dict=weights[name])
     tokenizer.save_pretrained(os.path.join(tmp, "policy"))
-    if prm is not None:
-        prm.save_pretrained(os.path.join(tmp, "prm"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    torch.save({**trainer_state, "optimizers": opt_states}, os.path.join(tmp, "trainer_state.pt"))
     os.replace(tmp, final)
     for old in checkpoints(run_dir)[:-1]:
         shutil.rmtree(old)
+
+
+def load_optimizers(models, optimizers, opt_states):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    for model, opt, state in zip([m for m in models if m is not None], optimizers, opt_states):
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_states():
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def truncate_jsonl(path, last_step):
@@ -517,6 +673,17 @@ def truncate_jsonl(path, last_step):
         lines = [line for line in f if json.loads(line)["step"] <= last_step]
     with open(path, "w") as f:
         f.writelines(lines)
+
+
+def merge_rank_metrics(per_rank):
+    """One metrics dict from every rank's: counts (verifier reasons, kept groups) are summed, the
+    rest (means over equal-sized per-rank batches) averaged over the ranks that logged them."""
+    merged = {}
+    for key in dict.fromkeys(k for m in per_rank for k in m):
+        values = [m[key] for m in per_rank if key in m]
+        summed = key.startswith("verifier/") or key == "filter/kept_groups"
+        merged[key] = sum(values) if summed else values[0] if len(set(values)) == 1 else sum(values) / len(values)
+    return merged
 
 
 def main(args: Args):
@@ -529,58 +696,77 @@ def main(args: Args):
         raise ValueError("--kl-coef needs a frozen reference model: use --reference sft")
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs the --run-dir of the run to continue")
+    rank, world, device = init_distributed()
+    for name in ("prompts_per_step", "mini_batch_size"):
+        if getattr(args, name) % world:
+            raise ValueError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be divisible by the number of processes ({world})")
+    # Each rank trains on its share; the flags are global, as in the paper's recipe.
+    local = replace(args, prompts_per_step=args.prompts_per_step // world, mini_batch_size=args.mini_batch_size // world)
+    is_main = rank == 0
     run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = gather_objects(run_dir)[0]  # rank 0's timestamp for every rank
     os.makedirs(run_dir, exist_ok=True)
     checkpoint = checkpoints(run_dir)[-1] if args.resume and checkpoints(run_dir) else None
     if args.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir}")
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    if is_main:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
 
     # --- models, data, rollout engine
     model_path = args.model
     if not model_path:
         import bootstrap
         model_path = bootstrap.embedded_model(os.path.expanduser(args.cache_dir))
-    policy, prm, ref, tokenizer = setup_models(args, model_path, checkpoint)
-    engine = HFRollout(policy, tokenizer, args)
+    policy, prm, ref, tokenizer = setup_models(args, model_path, device, checkpoint)
+    if args.rollout == "vllm":
+        engine = VLLMRollout(model_path, tokenizer, args)
+    else:
+        from transformers import AutoModelForCausalLM
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        engine = HFRollout(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device), tokenizer, args)
+    engine.sync(policy)  # step 0 too: checks that every engine weight is loaded from the policy
     eval_rows = data.load_rows(args.eval_data.split(",")) if args.eval_data else data.embedded_eval_rows(args.eval_size)
     if args.data:
         train_rows = data.load_rows(args.data.split(","))
         lengths = [len(p) for p in data.prompt_token_ids(tokenizer, train_rows)]
         kept = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_len]
-        print(f"data: {len(kept)} rows, {len(train_rows) - len(kept)} dropped as longer than --max-prompt-len")
+        if is_main:
+            print(f"data: {len(kept)} rows, {len(train_rows) - len(kept)} dropped as longer than --max-prompt-len")
         stream = data.RowStream(kept, args.seed)
     else:
         stream = data.AdditionStream(args.seed, eval_rows)
     # One seed drives sampling, data order and shuffles, set after the models are built (building
     # the embedded model consumes random numbers only on its first run): a rerun with the same
-    # flags reproduces every metric (tests rely on it to compare ablation switches).
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    # flags reproduces every metric (tests rely on it to compare ablation switches). Every rank
+    # reads the same data stream and takes its own slice; sampling differs by rank.
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if prm is not None else None
-    shuffle_gen = torch.Generator().manual_seed(args.seed)
-    K = args.samples_per_prompt
+    shuffle_gen = torch.Generator().manual_seed(args.seed + rank)
+    K, quota = args.samples_per_prompt, local.prompts_per_step * args.samples_per_prompt  # quota: responses per rank
 
     optimizers = [opt for opt in (policy_opt, prm_opt) if opt is not None]
     metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.jsonl")
     start = 0
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
+        if len(state["rng"]) != world:
+            raise ValueError(f"{checkpoint} was saved by {len(state['rng'])} processes; resume it with as many (not {world})")
+        load_optimizers([policy, prm], optimizers, state["optimizers"])
         stream.load_state_dict(state["stream"])
-        shuffle_gen.set_state(state["rng"]["shuffle"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        shuffle_gen.set_state(state["rng"][rank]["shuffle"])
+        set_rng_states(state["rng"][rank])
         start, (first_eval, last_eval) = state["step"], state["evals"]
-        for path in (metrics_path, samples_path):
-            truncate_jsonl(path, start)
-        print(f"resumed from {checkpoint} at step {start}")
+        if is_main:
+            for path in (metrics_path, samples_path):
+                truncate_jsonl(path, start)
+            print(f"resumed from {checkpoint} at step {start}")
     # Flushed after every step, so a crash loses at most the steps since the last checkpoint.
-    metrics_file = open(metrics_path, "a" if checkpoint else "w")
-    samples_file = open(samples_path, "a" if checkpoint else "w")
+    # Only rank 0 writes; the other ranks write to nowhere.
+    metrics_file = open(metrics_path if is_main else os.devnull, "a" if checkpoint else "w")
+    samples_file = open(samples_path if is_main else os.devnull, "a" if checkpoint else "w")
 
     def log(metrics):
         metrics_file.write(json.dumps(metrics) + "\n")
@@ -589,36 +775,44 @@ def main(args: Args):
     if not checkpoint:
         first_eval = last_eval = evaluate(engine, tokenizer, eval_rows)
         log({"step": 0, "eval/accuracy": first_eval})
-    bar = tqdm(range(start + 1, args.steps + 1), desc="prime", dynamic_ncols=True)
+    bar = tqdm(range(start + 1, args.steps + 1), desc="prime", dynamic_ncols=True, disable=not is_main)
     for step in bar:
         t0 = time.time()
-        # 1-3. generate K samples per prompt, verify, filter; repeat until the quota of groups
-        # with both right and wrong answers is met (or the rounds run out: train on what we have)
-        prompts, responses, outcomes, all_outcomes, reasons = [], [], [], [], {}
+        # 1-3. generate K samples per prompt, verify, filter; repeat until every rank has its quota
+        # of groups with both right and wrong answers, or the rounds run out (then every rank
+        # trains on as many groups as the rank with fewest has: equal batches keep FSDP's
+        # collectives in step; filter/kept_groups shows the shortfall).
+        prompts, responses, engine_logps, outcomes, reasons = [], [], [], [], {}
+        sampled = torch.zeros(2, dtype=torch.float64)  # (sum of outcomes, count) on this rank
         for rounds in range(1, args.max_filter_rounds + 1):
-            rows = stream.take(args.prompts_per_step)
-            p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
-            r_ids = engine.generate(p_ids)
-            texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
-            outcome, round_reasons = outcome_rewards(texts, [row for row in rows for _ in range(K)])
-            for reason, count in round_reasons.items():
-                reasons[f"verifier/{reason}"] = reasons.get(f"verifier/{reason}", 0) + count
-            all_outcomes.append(outcome)
-            keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
-            # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
-            prompts += [p for p, k in zip(p_ids, keep) if k]
-            responses += [r for r, k in zip(r_ids, keep) if k]
-            outcomes.append(outcome[keep])
-            if len(prompts) >= args.prompts_per_step * K:
+            rows = stream.take(args.prompts_per_step)[rank * local.prompts_per_step:(rank + 1) * local.prompts_per_step]
+            if len(prompts) < quota:  # a rank with its quota still takes its rows: streams stay in step
+                p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
+                r_ids, r_logps = engine.generate(p_ids)
+                texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
+                outcome, round_reasons = outcome_rewards(texts, [row for row in rows for _ in range(K)])
+                for reason, count in round_reasons.items():
+                    reasons[f"verifier/{reason}"] = reasons.get(f"verifier/{reason}", 0) + count
+                sampled += torch.tensor([outcome.sum().item(), len(outcome)], dtype=torch.float64)
+                keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
+                # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
+                prompts += [p for p, k in zip(p_ids, keep) if k]
+                responses += [r for r, k in zip(r_ids, keep) if k]
+                engine_logps += [lp for lp, k in zip(r_logps, keep) if k]
+                outcomes.append(outcome[keep])
+            if all_reduce(torch.tensor(min(len(prompts), quota)), "min") >= quota:
                 break
-        n = min(len(prompts), args.prompts_per_step * K)
-        outcome = torch.cat(outcomes)[:n]
-        metrics = {"step": step, "rollout/accuracy": torch.cat(all_outcomes).mean().item(),
+        n = int(all_reduce(torch.tensor(min(len(prompts), quota)), "min"))  # responses per rank, whole groups
+        outcome = torch.cat(outcomes)[:n].to(device)
+        sampled = all_reduce(sampled, "sum")
+        metrics = {"step": step, "rollout/accuracy": (sampled[0] / sampled[1]).item(),
                    "filter/rounds": rounds, "filter/kept_groups": n // K,
                    "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1), **reasons}
         if n > 0:  # else every group was all right or all wrong: nothing to learn this step
-            batch = collate(prompts[:n], responses[:n], engine.pad_id)
-            q, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen)
+            batch = tuple(t.to(device) for t in collate(prompts[:n], responses[:n], engine.pad_id))
+            R = batch[2].shape[1]
+            engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps[:n]], device=device)
+            q, _, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, local, shuffle_gen, engine_logp)
             metrics.update(step_metrics)
             # 8. the rollout engine samples from the new policy
             engine.sync(policy)
@@ -632,16 +826,17 @@ def main(args: Args):
                 for rec in sample_records(step, tokenizer, batch, q, outcome, args):
                     samples_file.write(json.dumps(rec) + "\n")
                 samples_file.flush()
+        metrics = merge_rank_metrics(gather_objects(metrics))
         log(metrics)
         bar.set_postfix(reward=f"{metrics['rollout/accuracy']:.3f}", prm_acc=f"{metrics.get('prm/accuracy', float('nan')):.3f}",
                         eval=f"{last_eval:.3f}")
         if args.save_every and step % args.save_every == 0:
-            save_checkpoint(run_dir, step, policy, prm, tokenizer, {
-                "step": step, "evals": (first_eval, last_eval), "optimizers": [o.state_dict() for o in optimizers],
-                "stream": stream.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                                       "shuffle": shuffle_gen.get_state()}})
-    print(f"eval accuracy (greedy, {len(eval_rows)} held-out problems): "
-          f"{first_eval:.1%} at step 0 -> {last_eval:.1%} at step {args.steps} ({100 * (last_eval - first_eval):+.1f} points)")
+            rng = gather_objects({**rng_states(), "shuffle": shuffle_gen.get_state()})
+            save_checkpoint(run_dir, step, {"policy": policy, "prm": prm}, optimizers, tokenizer,
+                            {"step": step, "evals": (first_eval, last_eval), "stream": stream.state_dict(), "rng": rng})
+    if is_main:
+        print(f"eval accuracy (greedy, {len(eval_rows)} held-out problems): "
+              f"{first_eval:.1%} at step 0 -> {last_eval:.1%} at step {args.steps} ({100 * (last_eval - first_eval):+.1f} points)")
     metrics_file.close()
     samples_file.close()
     return {"policy": policy, "prm": prm, "ref": ref, "engine": engine, "eval": (first_eval, last_eval)}

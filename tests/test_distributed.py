@@ -1,0 +1,117 @@
+"""World-size invariance under FSDP2: the same step with 1 process and with 2 (gloo on CPU).
+
+One process trains on the whole batch; two processes, each sharding the models with FSDP2, train
+on half of it each. Advantages (batch_norm max and whitening are all-reduced), losses, gradients
+(FSDP averages them) and the weights streamed into the rollout engine must agree.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import prime
+import verifier
+from conftest import parity_scores
+
+K, GROUPS, LR = 2, 4, 0.5
+
+
+def fixed_batch():
+    """8 responses (4 groups of K=2) of ragged lengths, with mixed outcomes in every group."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 40, (int(n),), generator=gen).tolist() for n in torch.randint(3, 7, (GROUPS,), generator=gen)]
+    prompts = [p for p in prompts for _ in range(K)]
+    responses = [torch.randint(3, 40, (n,), generator=gen).tolist() for n in [2, 5, 3, 3, 6, 1, 4, 6]]
+    outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5, 1.0])
+    return prompts, responses, outcome
+
+
+def one_step(model_dir, rank, world, loss_agg):
+    """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights."""
+    args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS // world, micro_batch_size=2,
+                      loss_agg=loss_agg, beta=0.5)
+    policy, prm, ref, tokenizer = prime.setup_models(args, model_dir, torch.device("cpu"))
+    prompts, responses, outcome = fixed_batch()
+    share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)
+    batch = prime.collate(prompts[share], responses[share], tokenizer.pad_token_id)
+    # SGD: the weight change is lr * gradient, so weights compare gradients (Adam's first step
+    # is ~lr * sign(g), which float noise in a near-zero gradient can flip)
+    policy_opt, prm_opt = torch.optim.SGD(policy.parameters(), lr=LR), torch.optim.SGD(prm.parameters(), lr=LR)
+    # a first step moves the PRM away from the reference, so the second has nonzero process rewards
+    for _ in range(2):
+        q, advantages, metrics = prime.prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome[share], args,
+                                                  torch.Generator().manual_seed(0))
+    from transformers import AutoModelForCausalLM
+    engine = prime.HFRollout(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, args)
+    engine.sync(policy)
+    return {"advantages": [a[m.bool()] for a, m in zip(advantages, batch[2])], "metrics": metrics,
+            "engine": {k: v.clone() for k, v in engine.model.state_dict().items()}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank, world, port, model_dir, out_dir, job):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if job == "steps":
+            torch.save({agg: one_step(model_dir, rank, world, agg) for agg in ("seq-mean-token-mean", "token-mean")},
+                       os.path.join(out_dir, f"rank{rank}.pt"))
+        else:  # the whole trainer for two steps, with a checkpoint
+            verifier.score_batch = parity_scores
+            prime.main(prime.Args(model=model_dir, run_dir=os.path.join(out_dir, "run"), steps=2, prompts_per_step=4,
+                                  samples_per_prompt=2, max_response_len=6, eval_size=6, eval_every=1, filter_low=0.0,
+                                  filter_high=1.0, mini_batch_size=8, micro_batch_size=2, save_every=2))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(job, model_dir, out_dir):
+    mp.spawn(rank_main, args=(2, free_port(), model_dir, str(out_dir), job), nprocs=2)
+
+
+def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
+    spawn("steps", tiny_model_dir, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for agg in ("seq-mean-token-mean", "token-mean"):
+        single = one_step(tiny_model_dir, 0, 1, agg)
+        two = [r[agg] for r in ranks]
+        adv_single, adv_two = torch.cat(single["advantages"]), torch.cat(two[0]["advantages"] + two[1]["advantages"])
+        assert adv_single.abs().max() > 0.1 and torch.allclose(adv_single, adv_two, atol=1e-5), agg
+        for key in ("prm/loss", "policy/loss", "prm/return_abs", "policy/grad_norm", "prm/grad_norm"):
+            mean_two = sum(t["metrics"][key] for t in two) / 2
+            assert mean_two == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), (agg, key)
+        assert single["metrics"]["prm/return_abs"] > 0
+        # every rank streamed the same full weights into its engine, equal to the 1-process policy
+        for name, w in single["engine"].items():
+            assert torch.allclose(two[0]["engine"][name], w, atol=1e-6), (agg, name)
+            assert torch.equal(two[0]["engine"][name], two[1]["engine"][name]), (agg, name)
+
+
+def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
+    spawn("main", tiny_model_dir, tmp_path)
+    run_dir = tmp_path / "run"
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for m in metrics[1:]:
+        assert m["filter/kept_groups"] == 4  # 2 groups on each rank
+        assert m["verifier/ok"] + m["verifier/wrong"] == 8  # counts summed over ranks
+        assert m["rollout/logp_gap"] < 1e-4  # the engines sampled from the trainer's weights
+        assert "eval/accuracy" in m and "policy/loss" in m
+    # the checkpoint's policy is a plain HF folder (gathered from the shards)
+    from transformers import AutoModelForCausalLM
+    ckpt = prime.checkpoints(str(run_dir))[-1]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "policy"))
+    assert json.load(open(os.path.join(ckpt, "policy", "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
+    assert not torch.equal(model.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.embed_tokens.weight)
+    assert len(torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["rng"]) == 2
