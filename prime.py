@@ -416,13 +416,15 @@ class HFRollout:
 
 
 class VLLMRollout:
-    """Rollout engine on vLLM (GPU only; written against vLLM 0.20-0.33, V1 engine in-process):
-    one engine per rank (`external_launcher`, tensor_parallel_size=1), new weights loaded in place
-    after every update. Not runnable in this project's CI (no GPU, and vLLM pins its own torch):
-    keep it this thin; sync() shares HFRollout's weight stream and coverage check."""
+    """Rollout engine on vLLM (GPU only; written against vLLM 0.30, pinned in requirements-gpu.txt):
+    one engine per rank (`external_launcher` runs the V1 engine in this process,
+    tensor_parallel_size=1), new weights loaded in place after every update. vLLM cannot run in
+    this project's CI (no GPU); tests drive this layer with a fake `vllm`, so keep it this thin.
+    Assumed, to check on a GPU: returned token_ids end with the EOS that stopped them (as HF's);
+    rollout/logp_gap near 0 confirms the weights and the temperature match the trainer's."""
 
     def __init__(self, model_path, tokenizer, args):
-        from transformers import GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
         from vllm import LLM, SamplingParams  # imported only here: CPU runs and tests never need vLLM
         self.llm = LLM(model=model_path, dtype="bfloat16", seed=args.seed + int(os.environ.get("RANK", 0)),
                        tensor_parallel_size=1, distributed_executor_backend="external_launcher",
@@ -430,7 +432,11 @@ class VLLMRollout:
                        max_model_len=args.max_prompt_len + args.max_response_len,
                        logprobs_mode="processed_logprobs")  # log-probs after temperature, as the trainer's
         self.args, self.SamplingParams = args, SamplingParams
-        self.eos_ids, self.pad_id = stop_tokens(GenerationConfig.from_pretrained(model_path), tokenizer)
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the model config's EOS
+            generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+        self.eos_ids, self.pad_id = stop_tokens(generation_config, tokenizer)
 
     @torch.no_grad()
     def sync(self, policy):
@@ -845,3 +851,6 @@ def main(args: Args):
 if __name__ == "__main__":
     from transformers import HfArgumentParser
     main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the process group down while another still uses it
+        dist.destroy_process_group()

@@ -69,9 +69,16 @@ def rank_main(rank, world, port, model_dir, out_dir, job):
                        os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the whole trainer for two steps, with a checkpoint
             verifier.score_batch = parity_scores
-            prime.main(prime.Args(model=model_dir, run_dir=os.path.join(out_dir, "run"), steps=2, prompts_per_step=4,
-                                  samples_per_prompt=2, max_response_len=6, eval_size=6, eval_every=1, filter_low=0.0,
-                                  filter_high=1.0, mini_batch_size=8, micro_batch_size=2, save_every=2))
+            settings = dict(model=model_dir, prompts_per_step=4, samples_per_prompt=2, max_response_len=6, eval_size=6,
+                            eval_every=1, mini_batch_size=8, micro_batch_size=2)
+            prime.main(prime.Args(**settings, run_dir=os.path.join(out_dir, "run"), steps=2, filter_low=0.0,
+                                  filter_high=1.0, save_every=2))
+            # rank 0 answers everything right, so its groups never pass the filter: at the round
+            # limit every rank trains on as many groups as the poorest rank has (none)
+            if rank == 0:
+                verifier.score_batch = lambda responses, *_: ([1.0] * len(responses), {"ok": len(responses)})
+            prime.main(prime.Args(**settings, run_dir=os.path.join(out_dir, "starved"), steps=1, max_filter_rounds=3))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -115,3 +122,7 @@ def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
     assert json.load(open(os.path.join(ckpt, "policy", "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
     assert not torch.equal(model.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.embed_tokens.weight)
     assert len(torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["rng"]) == 2
+    starved = [json.loads(line) for line in open(tmp_path / "starved" / "metrics.jsonl")][1]
+    assert starved["filter/rounds"] == 3 and starved["filter/kept_groups"] == 0 and "policy/loss" not in starved
+    # rank 0 sampled all 3 rounds of 2 prompts x K=2; rank 1 stopped once it had its quota
+    assert 3 * 4 + 4 <= starved["verifier/ok"] + starved.get("verifier/wrong", 0) <= 2 * 3 * 4
