@@ -282,11 +282,12 @@ def pairwise_accuracy(scores, outcome, k):
 # ==============================================================================================
 # Distribution: one process, or one per GPU under torchrun (FSDP2; gloo on CPU for tests)
 def init_distributed():
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    and one GPU per rank, or gloo on CPU. Without torchrun: one process on cuda:0 or the CPU."""
+    """(rank, world_size, device). Under torchrun (any number of processes, one included) joins the
+    process group, NCCL and one GPU per rank or gloo on CPU, and the models are FSDP2-sharded.
+    `python prime.py`: one process on cuda:0 or the CPU, plain fp32 models."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -790,11 +791,14 @@ def main(args: Args):
         # collectives in step; filter/kept_groups shows the shortfall).
         prompts, responses, engine_logps, outcomes, reasons = [], [], [], [], {}
         sampled = torch.zeros(2, dtype=torch.float64)  # (sum of outcomes, count) on this rank
+        generated, generate_seconds = 0, 0.0
         for rounds in range(1, args.max_filter_rounds + 1):
             rows = stream.take(args.prompts_per_step)[rank * local.prompts_per_step:(rank + 1) * local.prompts_per_step]
             if len(prompts) < quota:  # a rank with its quota still takes its rows: streams stay in step
                 p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
+                t_gen = time.time()
                 r_ids, r_logps = engine.generate(p_ids)
+                generated, generate_seconds = generated + sum(map(len, r_ids)), generate_seconds + time.time() - t_gen
                 texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
                 outcome, round_reasons = outcome_rewards(texts, [row for row in rows for _ in range(K)])
                 for reason, count in round_reasons.items():
@@ -825,6 +829,9 @@ def main(args: Args):
 
         # 9. log, evaluate
         metrics["perf/step_seconds"] = time.time() - t0
+        metrics["perf/rollout_tokens_per_s"] = generated / max(generate_seconds, 1e-9)  # per rank
+        if device.type == "cuda":
+            metrics["perf/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step % args.eval_every == 0 or step == args.steps:
             last_eval = evaluate(engine, tokenizer, eval_rows)
             metrics["eval/accuracy"] = last_eval
