@@ -83,7 +83,7 @@ def warm_up(model, tokenizer, target: float, seed: int, max_steps=1000, batch_si
         opt.zero_grad(set_to_none=True)
         if step % check_every == 0:
             model.eval()
-            acc = prime.evaluate(prime.HFRollout(model, tokenizer, engine_args), tokenizer, valid)
+            acc = prime.evaluate(prime.HFRollout(model, tokenizer, engine_args), tokenizer, valid)["accuracy"]
             model.requires_grad_(True)
             model.train()
             print(f"warm-up step {step}: loss {loss.item():.3f}, validation accuracy {acc:.1%} ({time.time() - t0:.0f}s)")

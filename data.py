@@ -3,11 +3,12 @@
 A row follows the schema of PRIME-RL/Eurus-2-RL-Data:
 
     {"data_source": str, "ability": "math" | "code",
-     "prompt": [{"role": "user", "content": str}, ...],
-     "reward_model": {"ground_truth": str, "style": "rule"}}
+     "prompt": [{"role": "system", "content": str}, {"role": "user", "content": str}],
+     "reward_model": {"ground_truth": str, "style": "rule"},   # code: a JSON string of tests
+     "extra_info": {...}}                                       # optional, carried along
 
-`load_rows` reads such rows from jsonl files and names the file, row and field of anything
-malformed. `addition_rows` generates the built-in offline task: 3-digit addition whose worked
+`load_rows` reads such rows from .parquet (as the dataset ships) and .jsonl files and names the
+file, row and field of anything malformed. `addition_rows` generates the built-in offline task: 3-digit addition whose worked
 solution (one carry-annotated step per digit) ends in \\boxed{sum}, so the policy's answers can be
 checked by the same math verifier that scores real data.
 """
@@ -131,34 +132,59 @@ def validate_row(row, where: str) -> dict:
         fail("reward_model.ground_truth", "must be a non-empty string")
     if not isinstance(row.get("data_source", ""), str):
         fail("data_source", "must be a string")
+    if not isinstance(row.get("extra_info") or {}, dict):
+        fail("extra_info", "must be an object when present")
     return row
 
 
-def load_rows(paths: list[str]) -> list[dict]:
-    """Rows from one or more .jsonl files, each validated (errors name file, row and field)."""
-    rows = []
-    for path in paths:
-        if not path.endswith(".jsonl"):
-            raise ValueError(f"{path}: only .jsonl files are supported for now")
+def _read_rows(path: str):
+    """(row number, row) pairs of one .parquet or .jsonl file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet
+        yield from enumerate(pyarrow.parquet.read_table(path).to_pylist(), 1)
+    elif path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                rows.append(validate_row(row, f"{path}:{lineno}"))
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e})")
+    else:
+        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+
+
+def load_rows(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
+    """(rows, errors) from .parquet and .jsonl files, every row validated. A bad row raises a
+    ValueError naming file, row and field; with skip_bad_rows it is left out and its error
+    returned, so the caller can count and report what was skipped."""
+    rows, errors = [], []
+    for path in paths:
+        for number, row in _read_rows(path):
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                rows.append(validate_row(row, f"{path}:{number}"))
+            except ValueError as e:
+                if not skip_bad_rows:
+                    raise
+                errors.append(str(e))
     if not rows:
-        raise ValueError(f"no rows in {paths}")
-    return rows
+        raise ValueError(f"no usable rows in {paths}" + (f" ({len(errors)} bad, first: {errors[0]})" if errors else ""))
+    return rows, errors
 
 
 # ----------------------------------------------------------------------------------------------
 # Prompts
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """The chat rendered with the tokenizer's chat template, ready for the assistant's turn
+    (add_generation_prompt=True). A tokenizer without a template (a base model) gets a plain
+    fallback: "Role: content" per message, blank lines between, then "Assistant:"."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
 def prompt_token_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
-    """Each row's chat messages rendered with the tokenizer's chat template, ready for the
-    assistant's turn (add_generation_prompt=True), as token ids."""
-    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-             for r in rows]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    """Each row's prompt (see prompt_text) as token ids; the template carries any special tokens."""
+    return [tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]

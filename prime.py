@@ -41,6 +41,7 @@ class Args:
     data: str = arg("", "comma-separated Eurus-2-style .jsonl files; '' = built-in 3-digit addition")
     eval_data: str = arg("", "comma-separated .jsonl eval files; '' = built-in held-out addition problems")
     eval_size: int = arg(500, "number of built-in held-out problems (ignored with --eval-data)")
+    skip_bad_rows: bool = arg(False, "skip (and count) malformed data rows instead of stopping at the first")
     cache_dir: str = arg("~/.cache/prime", "where the embedded default model is built once and cached")
     run_dir: str = arg("", "output folder; '' = runs/<timestamp>")
     seed: int = arg(0, "seed of data order, sampling and init")
@@ -87,7 +88,12 @@ class Args:
     kl_coef: float = arg(0.0, "weight of a k3 KL(policy || frozen reference) loss term")
     entropy_coef: float = arg(0.0, "weight of an entropy bonus in the policy loss")
     # logging
-    eval_every: int = arg(10, "evaluate (greedy accuracy) every N steps; also at step 0 and the last")
+    eval_every: int = arg(10, "evaluate every N steps; also at step 0 and the last")
+    eval_only: bool = arg(False, "evaluate --model on --eval-data (eval.json, eval.md in --run-dir) and exit")
+    eval_samples: int = arg(1, "k of avg@k: responses per eval problem (PRIME's authors now report avg@16)")
+    eval_temperature: float = arg(0.0, "eval sampling temperature; 0 = greedy (authors' avg@16 uses 0.3, top_p 0.95: "
+                                  "greedy scores move between vLLM versions)")
+    eval_top_p: float = arg(1.0, "eval nucleus sampling")
     save_every: int = arg(0, "write a checkpoint every N steps (0 = never); only the newest is kept")
     resume: bool = arg(False, "continue from the newest checkpoint in --run-dir")
     num_samples_logged: int = arg(4, "responses written to samples.jsonl at each eval")
@@ -331,8 +337,7 @@ def setup_models(args, model_path, device, checkpoint=None):
     """Policy (trained), PRM (trained, same init) and reference (frozen), all from one checkpoint
     (policy and PRM from `checkpoint` when resuming). The one place where models are built: under
     torchrun each is sharded with FSDP2, every decoder layer and then the root."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    from transformers import AutoModelForCausalLM
 
     def load(path=model_path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights
@@ -357,7 +362,7 @@ def setup_models(args, model_path, device, checkpoint=None):
     # reuses the policy's own pre-update log-probs and needs no extra copy.
     need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
     ref = load().eval().requires_grad_(False) if need_ref else None
-    return policy, prm, ref, tokenizer
+    return policy, prm, ref
 
 
 def full_weights(model):
@@ -394,13 +399,16 @@ class HFRollout:
             raise RuntimeError(f"rollout sync left engine weights stale: {sorted(set(params) - loaded)[:5]}")
 
     @torch.no_grad()
-    def generate(self, prompts, greedy=False):
+    def generate(self, prompts, greedy=False, temperature=None, top_p=None):
         """prompts: list of token-id lists -> (responses: token-id lists ending at EOS, their
-        per-token log-probs under the engine's weights at the sampling temperature)."""
+        per-token log-probs under the engine's weights at the sampling temperature; None if
+        greedy). temperature and top_p default to the training rollout's."""
         ids, attn = left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
+        temperature = self.args.temperature if temperature is None else temperature
         sampling = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p, top_k=0)  # HF's default top_k is 50
+            do_sample=True, temperature=temperature, top_p=self.args.top_p if top_p is None else top_p,
+            top_k=0)  # HF's default top_k is 50
         out = self.model.generate(input_ids=ids, attention_mask=attn,
                                   max_new_tokens=self.args.max_response_len, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_ids, **sampling)
@@ -412,7 +420,7 @@ class HFRollout:
         # The engine's own log-probs of what it sampled (vLLM returns these); compared with the
         # trainer's each step, a gap means the engine sampled from stale weights.
         batch = collate(prompts, responses, self.pad_id)
-        logp = batched_logprobs(self.model, tuple(t.to(self.device) for t in batch), self.args.micro_batch_size, self.args.temperature)
+        logp = batched_logprobs(self.model, tuple(t.to(self.device) for t in batch), self.args.micro_batch_size, temperature)
         return responses, [row[: len(r)].tolist() for row, r in zip(logp, responses)]
 
 
@@ -449,14 +457,23 @@ class VLLMRollout:
             raise RuntimeError(f"rollout sync left vLLM weights stale: {sorted(missing)[:5]}")
         self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
 
-    def generate(self, prompts, greedy=False):
+    def generate(self, prompts, greedy=False, temperature=None, top_p=None):
         params = self.SamplingParams(
-            temperature=0.0 if greedy else self.args.temperature, top_p=1.0 if greedy else self.args.top_p,
+            temperature=0.0 if greedy else self.args.temperature if temperature is None else temperature,
+            top_p=1.0 if greedy else self.args.top_p if top_p is None else top_p,
             max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outputs]
         logps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
         return responses, (None if greedy else logps)
+
+
+def make_engine(args, model_path, tokenizer, device):
+    if args.rollout == "vllm":
+        return VLLMRollout(model_path, tokenizer, args)
+    from transformers import AutoModelForCausalLM
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return HFRollout(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device), tokenizer, args)
 
 
 def left_pad(seqs, pad_id):
@@ -596,17 +613,43 @@ def outcome_rewards(texts, rows):
     return torch.tensor(rewards), reasons
 
 
-def evaluate(engine, tokenizer, rows, batch_size=256):
-    """Greedy accuracy of the rollout engine's policy on `rows`, each rank scoring its share."""
+def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, batch_size=256):
+    """Accuracy of the rollout engine's policy on `rows`: greedy (temperature 0), or avg@k: the
+    mean outcome of `samples` responses per problem at `temperature` and `top_p`. Each rank scores
+    its share. {"accuracy": over all problems, "per_source": {data_source: accuracy}}."""
+    from tqdm import tqdm
     from data import prompt_token_ids
+    if temperature == 0 and samples != 1:
+        raise ValueError("greedy evaluation (--eval-temperature 0) gives one answer per problem: use --eval-samples 1")
     rank, world = (dist.get_rank(), world_size()) if dist.is_initialized() else (0, 1)
-    mine = rows[rank::world]
+    mine = [row for row in rows[rank::world] for _ in range(samples)]
     prompts, responses = prompt_token_ids(tokenizer, mine), []
-    for i in range(0, len(prompts), batch_size):
-        responses += engine.generate(prompts[i:i + batch_size], greedy=True)[0]
+    for i in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False, disable=rank != 0):
+        responses += engine.generate(prompts[i:i + batch_size], greedy=temperature == 0, temperature=temperature, top_p=top_p)[0]
     scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine)
-    correct = all_reduce(torch.tensor([scores.sum().item(), float(len(mine))], dtype=torch.float64), "sum")
-    return (correct[0] / correct[1]).item()
+    totals = {}  # data_source -> [sum of outcomes, responses], over all ranks
+    for per_rank in gather_objects([(row.get("data_source", ""), score) for row, score in zip(mine, scores.tolist())]):
+        for source, score in per_rank:
+            totals.setdefault(source, [0.0, 0])
+            totals[source][0] += score
+            totals[source][1] += 1
+    return {"accuracy": sum(t[0] for t in totals.values()) / sum(t[1] for t in totals.values()),
+            "per_source": {source: t[0] / t[1] for source, t in sorted(totals.items())}}
+
+
+def write_eval_report(run_dir, history, args):
+    """eval.json (every evaluation so far) and eval.md (a table: one row per eval step, one
+    column per data_source) in the run directory."""
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        json.dump(history, f, indent=2)
+    sources = sorted({s for h in history for s in h["per_source"]})
+    how = "greedy" if args.eval_temperature == 0 else f"avg@{args.eval_samples}, T={args.eval_temperature}, top_p={args.eval_top_p}"
+    lines = [f"Accuracy ({how})", "", "| step | all | " + " | ".join(sources) + " |", "|---:" * (len(sources) + 2) + "|"]
+    lines += [f"| {h['step']} | {h['accuracy']:.1%} | " + " | ".join(f"{h['per_source'].get(s, float('nan')):.1%}" for s in sources) + " |"
+              for h in history]
+    with open(os.path.join(run_dir, "eval.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def sample_records(step, tokenizer, batch, q, outcome, args):
@@ -720,27 +763,51 @@ def main(args: Args):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
 
-    # --- models, data, rollout engine
+    # --- data, models, rollout engine
     model_path = args.model
     if not model_path:
         import bootstrap
         model_path = bootstrap.embedded_model(os.path.expanduser(args.cache_dir))
-    policy, prm, ref, tokenizer = setup_models(args, model_path, device, checkpoint)
-    if args.rollout == "vllm":
-        engine = VLLMRollout(model_path, tokenizer, args)
-    else:
-        from transformers import AutoModelForCausalLM
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        engine = HFRollout(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device), tokenizer, args)
-    engine.sync(policy)  # step 0 too: checks that every engine weight is loaded from the policy
-    eval_rows = data.load_rows(args.eval_data.split(",")) if args.eval_data else data.embedded_eval_rows(args.eval_size)
-    if args.data:
-        train_rows = data.load_rows(args.data.split(","))
-        lengths = [len(p) for p in data.prompt_token_ids(tokenizer, train_rows)]
-        kept = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_len]
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    data_stats = {}
+
+    def load(paths, split):
+        """Rows of comma-separated files; bad rows (with --skip-bad-rows) and prompts longer than
+        --max-prompt-len are left out, counted and reported, as nothing should vanish silently."""
+        rows, errors = data.load_rows(paths.split(","), args.skip_bad_rows)
+        lengths = [len(p) for p in data.prompt_token_ids(tokenizer, rows)]
+        kept = [r for r, n in zip(rows, lengths) if n <= args.max_prompt_len]
+        data_stats.update({f"data/{split}_rows": len(kept), f"data/{split}_skipped_bad_rows": len(errors),
+                           f"data/{split}_dropped_long_prompts": len(rows) - len(kept)})
         if is_main:
-            print(f"data: {len(kept)} rows, {len(train_rows) - len(kept)} dropped as longer than --max-prompt-len")
-        stream = data.RowStream(kept, args.seed)
+            print(f"data ({split}): {len(kept)} rows; {len(errors)} bad rows skipped"
+                  + (f" (first: {errors[0]})" if errors else "") + f"; {len(rows) - len(kept)} longer than --max-prompt-len dropped")
+        if not kept:
+            raise ValueError(f"no {split} rows left in {paths}")
+        return kept
+
+    eval_rows = load(args.eval_data, "eval") if args.eval_data else data.embedded_eval_rows(args.eval_size)
+    eval_history = []
+
+    def run_eval(step):
+        """Evaluate, record in eval.json / eval.md, return the metrics to log."""
+        result = evaluate(engine, tokenizer, eval_rows, args.eval_samples, args.eval_temperature, args.eval_top_p)
+        eval_history.append({"step": step, **result})
+        if is_main:
+            report = write_eval_report(run_dir, eval_history, args)
+        if is_main and args.eval_only:
+            print(report)
+        return {"eval/accuracy": result["accuracy"], **{f"eval/accuracy/{s}": a for s, a in result["per_source"].items()}}
+
+    if args.eval_only:  # no training: only the rollout engine is needed
+        engine = make_engine(args, model_path, tokenizer, device)
+        return {"engine": engine, "eval": run_eval(0)}
+    policy, prm, ref = setup_models(args, model_path, device, checkpoint)
+    engine = make_engine(args, model_path, tokenizer, device)
+    engine.sync(policy)  # step 0 too: checks that every engine weight is loaded from the policy
+    if args.data:
+        stream = data.RowStream(load(args.data, "train"), args.seed)
     else:
         stream = data.AdditionStream(args.seed, eval_rows)
     # One seed drives sampling, data order and shuffles, set after the models are built (building
@@ -766,6 +833,9 @@ def main(args: Args):
         shuffle_gen.set_state(state["rng"][rank]["shuffle"])
         set_rng_states(state["rng"][rank])
         start, (first_eval, last_eval) = state["step"], state["evals"]
+        if os.path.exists(os.path.join(run_dir, "eval.json")):
+            with open(os.path.join(run_dir, "eval.json")) as f:
+                eval_history += [h for h in json.load(f) if h["step"] <= start]
         if is_main:
             for path in (metrics_path, samples_path):
                 truncate_jsonl(path, start)
@@ -780,8 +850,9 @@ def main(args: Args):
         metrics_file.flush()
 
     if not checkpoint:
-        first_eval = last_eval = evaluate(engine, tokenizer, eval_rows)
-        log({"step": 0, "eval/accuracy": first_eval})
+        eval_metrics = run_eval(0)
+        first_eval = last_eval = eval_metrics["eval/accuracy"]
+        log({"step": 0, **eval_metrics, **data_stats})
     bar = tqdm(range(start + 1, args.steps + 1), desc="prime", dynamic_ncols=True, disable=not is_main)
     for step in bar:
         t0 = time.time()
@@ -833,8 +904,8 @@ def main(args: Args):
         if device.type == "cuda":
             metrics["perf/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step % args.eval_every == 0 or step == args.steps:
-            last_eval = evaluate(engine, tokenizer, eval_rows)
-            metrics["eval/accuracy"] = last_eval
+            metrics.update(run_eval(step))
+            last_eval = metrics["eval/accuracy"]
             if n > 0:
                 for rec in sample_records(step, tokenizer, batch, q, outcome, args):
                     samples_file.write(json.dumps(rec) + "\n")
@@ -848,7 +919,7 @@ def main(args: Args):
             save_checkpoint(run_dir, step, {"policy": policy, "prm": prm}, optimizers, tokenizer,
                             {"step": step, "evals": (first_eval, last_eval), "stream": stream.state_dict(), "rng": rng})
     if is_main:
-        print(f"eval accuracy (greedy, {len(eval_rows)} held-out problems): "
+        print(f"eval accuracy ({len(eval_rows)} held-out problems, see eval.md): "
               f"{first_eval:.1%} at step 0 -> {last_eval:.1%} at step {args.steps} ({100 * (last_eval - first_eval):+.1f} points)")
     metrics_file.close()
     samples_file.close()

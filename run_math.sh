@@ -36,4 +36,5 @@ torchrun --nproc_per_node="$NPROC" prime.py \
   --micro-batch-size 4 `# per GPU per forward: memory, not the recipe` \
   --vllm-gpu-memory-utilization 0.3 `# vLLM's share of each GPU next to the FSDP shards: memory, not the recipe` \
   --eval-every 16 --save-every 16 `# official config` \
+  --eval-samples 16 --eval-temperature 0.3 --eval-top-p 0.95 `# avg@16: what the PRIME authors now report (greedy moves between vLLM versions)` \
   "$@"

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -44,6 +45,9 @@ def write_jsonl(path, rows):
     (lambda r: r.update(ability="poetry"), "ability"),
     (lambda r: r["reward_model"].update(ground_truth="  "), "reward_model.ground_truth"),
     (lambda r: r.pop("reward_model"), "reward_model.ground_truth"),
+    (lambda r: r["reward_model"].update(ground_truth=42), "reward_model.ground_truth"),
+    (lambda r: r.update(data_source=7), "data_source"),
+    (lambda r: r.update(extra_info="x"), "extra_info"),
 ])
 def test_load_rows_names_file_row_and_field(tmp_path, breakage, field):
     good = data.addition_rows(3, 0)
@@ -57,10 +61,48 @@ def test_load_rows_names_file_row_and_field(tmp_path, breakage, field):
 
 def test_load_rows_reads_valid_files_and_rejects_bad_json(tmp_path):
     rows = data.addition_rows(4, 0)
-    assert data.load_rows([write_jsonl(tmp_path / "a.jsonl", rows)]) == rows
+    assert data.load_rows([write_jsonl(tmp_path / "a.jsonl", rows)]) == (rows, [])
     (tmp_path / "b.jsonl").write_text('{"prompt": \n')
     with pytest.raises(ValueError, match="b.jsonl:1: not valid JSON"):
         data.load_rows([str(tmp_path / "b.jsonl")])
+    with pytest.raises(ValueError, match="expected a .parquet or .jsonl"):
+        data.load_rows([str(tmp_path / "rows.csv")])
+
+
+def test_skip_bad_rows_counts_what_it_skips(tmp_path):
+    rows = data.addition_rows(3, 0)
+    bad = dict(rows[1], ability="poetry")
+    path = write_jsonl(tmp_path / "rows.jsonl", [rows[0], bad, rows[2]])
+    (tmp_path / "more.jsonl").write_text(open(path).read() + "not json\n")
+    kept, errors = data.load_rows([path, str(tmp_path / "more.jsonl")], skip_bad_rows=True)
+    assert kept == [rows[0], rows[2]] * 2
+    assert len(errors) == 3 and f"{path}:2: field 'ability'" in errors[0] and "more.jsonl:4: not valid JSON" in errors[2]
+    with pytest.raises(ValueError, match="no usable rows .*3 bad"):
+        data.load_rows([write_jsonl(tmp_path / "all_bad.jsonl", [bad] * 3)], skip_bad_rows=True)
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "eurus2_sample.jsonl")
+
+
+def test_eurus2_fixture_loads_from_jsonl_and_parquet(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+    rows, errors = data.load_rows([FIXTURE])
+    assert len(rows) == 32 and not errors
+    assert {r["ability"] for r in rows} == {"math", "code"}
+    assert all([m["role"] for m in r["prompt"]] == ["system", "user"] for r in rows)
+    # the dataset ships as parquet: nested messages, reward_model and extra_info come back as dicts
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
+    from_parquet, _ = data.load_rows([str(tmp_path / "train.parquet"), FIXTURE])
+    assert from_parquet == rows + rows
+
+
+def test_prompt_fallback_without_a_chat_template():
+    tok = bootstrap.build_tokenizer(["hello", bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
+    tok.chat_template = None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert data.prompt_text(tok, messages) == "System: Be brief.\n\nUser: 2+2?\n\nAssistant:"
+    assert tok.decode(data.prompt_token_ids(tok, [{"prompt": messages}])[0]) == data.prompt_text(tok, messages)
 
 
 def test_tokenizer_reads_any_text_and_renders_chat_prompts():
@@ -80,3 +122,38 @@ def test_trainer_routes_each_row_to_its_verifier():
     rewards, reasons = prime.outcome_rewards(texts, [math_row, math_row, code_row])
     assert rewards.tolist() == [1.0, 0.0, 0.0]
     assert reasons == {"ok": 1, "wrong": 1, "no_answer": 1}
+
+
+# Reference solutions of the fixture's code rows, in order (stdin/stdout programs, then
+# call-based LeetCode-style methods).
+SOLUTIONS = [
+    "a, b = map(int, input().split())\nprint(a + b)",
+    "print(input()[::-1])",
+    "input()\nprint(max(map(int, input().split())))",
+    "import math\nprint(math.factorial(int(input())))",
+    "import math\nprint(f'{math.pi * float(input()) ** 2:.6f}')",
+    "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n        for i, x in enumerate(nums):\n"
+    "            if target - x in seen:\n                return [seen[target - x], i]\n            seen[x] = i",
+    "class Solution:\n    def isPalindrome(self, s):\n        t = [c.lower() for c in s if c.isalnum()]\n        return t == t[::-1]",
+    "def hammingWeight(n):\n    return bin(n).count('1')",
+]
+
+
+def test_mixed_math_and_code_batch_is_routed_to_each_verifier():
+    import prime
+    import verifier
+    if verifier._sandbox_status() != "ok":
+        pytest.skip("bubblewrap is not usable here")
+    rows, _ = data.load_rows([FIXTURE])
+    math_rows = [r for r in rows if r["ability"] == "math"]
+    code_rows = [r for r in rows if r["ability"] == "code"]
+    assert len(code_rows) == len(SOLUTIONS)
+    batch = [r for pair in zip(math_rows, code_rows) for r in pair] + math_rows[len(code_rows):]  # interleaved
+    right = [f"So the answer is $\\boxed{{{r['reward_model']['ground_truth']}}}$." if r["ability"] == "math"
+             else f"```python\n{SOLUTIONS[code_rows.index(r)]}\n```" for r in batch]
+    rewards, reasons = prime.outcome_rewards(right, batch)
+    assert rewards.tolist() == [1.0] * len(batch), [r["data_source"] for r, x in zip(batch, rewards) if x != 1]
+    # the same answers to the wrong rows: each checker still sees its own kind of ground truth
+    shifted = right[2:] + right[:2]
+    rewards, reasons = prime.outcome_rewards(shifted, batch)
+    assert rewards.sum() == 0 and reasons.get("no_answer", 0) > 0 and reasons.get("wrong", 0) > 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prime
 import verifier
@@ -34,7 +35,8 @@ def one_step(model_dir, rank, world, loss_agg):
     """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights."""
     args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS // world, micro_batch_size=2,
                       loss_agg=loss_agg, beta=0.5)
-    policy, prm, ref, tokenizer = prime.setup_models(args, model_dir, torch.device("cpu"))
+    policy, prm, ref = prime.setup_models(args, model_dir, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, responses, outcome = fixed_batch()
     share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)
     batch = prime.collate(prompts[share], responses[share], tokenizer.pad_token_id)
@@ -45,7 +47,6 @@ def one_step(model_dir, rank, world, loss_agg):
     for _ in range(2):
         q, advantages, metrics = prime.prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome[share], args,
                                                   torch.Generator().manual_seed(0))
-    from transformers import AutoModelForCausalLM
     engine = prime.HFRollout(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, args)
     engine.sync(policy)
     return {"advantages": [a[m.bool()] for a, m in zip(advantages, batch[2])], "metrics": metrics,
@@ -116,7 +117,6 @@ def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
         assert m["rollout/logp_gap"] < 1e-4  # the engines sampled from the trainer's weights
         assert "eval/accuracy" in m and "policy/loss" in m
     # the checkpoint's policy is a plain HF folder (gathered from the shards)
-    from transformers import AutoModelForCausalLM
     ckpt = prime.checkpoints(str(run_dir))[-1]
     model = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "policy"))
     assert json.load(open(os.path.join(ckpt, "policy", "config.json")))["architectures"] == ["Qwen2ForCausalLM"]

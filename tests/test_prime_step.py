@@ -191,10 +191,13 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "rollout/accuracy": -1}) + "\n")
     os.makedirs(tmp_path / "split" / "checkpoint-000004.tmp" / "policy")
+    evals = json.load(open(tmp_path / "split" / "eval.json"))
+    json.dump(evals + [dict(evals[-1], step=3)], open(tmp_path / "split" / "eval.json", "w"))
     resumed = run(tiny_model_dir, tmp_path, "split", steps=4, save_every=2, resume=True)
     drop_timing = lambda ms: [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in ms]
     assert [m["step"] for m in resumed["metrics"]] == [0, 1, 2, 3, 4]
     assert drop_timing(resumed["metrics"]) == drop_timing(straight["metrics"])
+    assert json.load(open(tmp_path / "split" / "eval.json")) == json.load(open(tmp_path / "straight" / "eval.json"))
     for name in ("policy", "prm"):
         assert torch.equal(weights(resumed[name]), weights(straight[name])), name
     assert [os.path.basename(c) for c in prime.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000004"]
@@ -203,3 +206,49 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
 def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         run(tiny_model_dir, tmp_path, "empty", resume=True)
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sourced_rows(n, seed):
+    """Addition rows split over two data_sources, for per-source reports."""
+    return [dict(r, data_source=f"set{i % 2}") for i, r in enumerate(data.addition_rows(n, seed))]
+
+
+def test_eval_only_reports_per_source_greedy_and_avg_at_k(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(verifier, "score_batch", lambda r, t, a: calls.append(len(r)) or parity_scores(r, t, a))
+    path = write_rows(tmp_path / "eval.jsonl", sourced_rows(6, 1))
+    common = dict(model=tiny_model_dir, eval_data=path, eval_only=True, max_response_len=6)
+    greedy = prime.main(prime.Args(**common, run_dir=str(tmp_path / "greedy")))["eval"]
+    report = json.load(open(tmp_path / "greedy" / "eval.json"))
+    assert len(report) == 1 and report[0]["step"] == 0 and set(report[0]["per_source"]) == {"set0", "set1"}
+    per_source = report[0]["per_source"]
+    assert greedy["eval/accuracy"] == pytest.approx((per_source["set0"] + per_source["set1"]) / 2)  # 3 rows each
+    assert greedy["eval/accuracy/set1"] == per_source["set1"]
+    table = open(tmp_path / "greedy" / "eval.md").read().splitlines()
+    assert table[0] == "Accuracy (greedy)" and table[2] == "| step | all | set0 | set1 |" and table[4].startswith("| 0 |")
+    assert calls == [6]
+    prime.main(prime.Args(**common, run_dir=str(tmp_path / "avg"), eval_samples=4, eval_temperature=0.7, eval_top_p=0.95))
+    assert calls[-1] == 24  # k responses per problem
+    assert "avg@4, T=0.7, top_p=0.95" in open(tmp_path / "avg" / "eval.md").read()
+    with pytest.raises(ValueError, match="--eval-samples 1"):
+        prime.main(prime.Args(**common, run_dir=str(tmp_path / "bad"), eval_samples=4))
+
+
+def test_bad_rows_and_long_prompts_are_counted_not_silent(tiny_model_dir, tmp_path):
+    rows = data.addition_rows(6, 3)
+    bad = dict(rows[0], ability="poetry")
+    long = dict(rows[1], prompt=[{"role": "user", "content": "1+" * 200 + "1="}])
+    path = write_rows(tmp_path / "rows.jsonl", rows + [bad, long])
+    with pytest.raises(ValueError, match=r"rows.jsonl:7: field 'ability'"):
+        run(tiny_model_dir, tmp_path, "strict", data=path)
+    out = run(tiny_model_dir, tmp_path, "lenient", data=path, skip_bad_rows=True, max_prompt_len=100)
+    step0 = out["metrics"][0]
+    assert step0["data/train_rows"] == 6 and step0["data/train_skipped_bad_rows"] == 1
+    assert step0["data/train_dropped_long_prompts"] == 1
+    # evaluated at every step: eval.json holds the history, one entry per eval
+    assert [h["step"] for h in json.load(open(tmp_path / "lenient" / "eval.json"))] == [0, 1, 2]

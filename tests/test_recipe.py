@@ -23,5 +23,6 @@ def test_run_math_sh_flags_parse_to_the_papers_recipe(tmp_path):
                     weight_decay=0.01, grad_clip=1.0, prm_lr=1e-6, prm_weight_decay=0.0, prm_grad_clip=10.0,
                     beta=0.05, prm_update="after", reference="sft", granularity="token", reward_norm="batch_norm",
                     rloo_variant="official", whiten=True, gamma=1.0, clip_eps=0.2, ppo_epochs=1,
-                    mini_batch_size=256, kl_coef=0.0, entropy_coef=0.0, eval_every=16, save_every=16, seed=3)
+                    mini_batch_size=256, kl_coef=0.0, entropy_coef=0.0, eval_every=16, save_every=16, eval_samples=16,
+                    eval_temperature=0.3, eval_top_p=0.95, seed=3)
     assert {k: getattr(args, k) for k in expected} == expected

@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prime
 
@@ -55,7 +55,8 @@ def fake_vllm(monkeypatch):
 
 def make_engine(model_dir):
     args = prime.Args(model=model_dir, rollout="vllm", seed=5, max_prompt_len=100, max_response_len=20, temperature=0.7)
-    policy, _, _, tokenizer = prime.setup_models(prime.Args(model=model_dir, no_prm=True), model_dir, torch.device("cpu"))
+    policy, _, _ = prime.setup_models(prime.Args(model=model_dir, no_prm=True), model_dir, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return prime.VLLMRollout(model_dir, tokenizer, args), policy, tokenizer
 
 
@@ -96,7 +97,8 @@ def test_generate_returns_responses_and_their_logprobs(fake_vllm, tiny_model_dir
 
 
 def test_hf_sync_refuses_a_partial_load(tiny_model_dir):
-    policy, _, _, tokenizer = prime.setup_models(prime.Args(model=tiny_model_dir, no_prm=True), tiny_model_dir, torch.device("cpu"))
+    policy, _, _ = prime.setup_models(prime.Args(model=tiny_model_dir, no_prm=True), tiny_model_dir, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     engine = prime.HFRollout(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, prime.Args())
     engine.model.register_buffer("extra", torch.zeros(1))  # a weight the policy does not have
     with pytest.raises(RuntimeError, match="extra"):
