@@ -603,6 +603,46 @@ def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuf
     return q, advantages, metrics
 
 
+def sample_filtered_groups(engine, stream, tokenizer, args, rank):
+    """Phases 1-3: sample K responses per prompt, verify, keep the groups that pass the accuracy
+    filter; repeat until every rank has its quota (args: this rank's share of prompts per step),
+    or the rounds run out: then every rank keeps as many groups as the rank with fewest has
+    (equal batches keep FSDP's collectives in step; filter/kept_groups shows the shortfall).
+    Returns this rank's kept prompts, responses, engine log-probs, outcome [n] and the metrics."""
+    import data
+    K, quota = args.samples_per_prompt, args.prompts_per_step * args.samples_per_prompt  # responses per rank
+    prompts, responses, engine_logps, outcomes, metrics = [], [], [], [], {}
+    sampled = torch.zeros(2, dtype=torch.float64)  # (sum of outcomes, count) on this rank
+    generated, generate_seconds = 0, 0.0
+    for rounds in range(1, args.max_filter_rounds + 1):
+        # every rank reads the same global stream and keeps its slice, so streams stay in step
+        rows = stream.take(args.prompts_per_step * world_size())[rank * args.prompts_per_step:(rank + 1) * args.prompts_per_step]
+        if len(prompts) < quota:  # a rank with its quota only waits for the others
+            p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
+            t_gen = time.time()
+            r_ids, r_logps = engine.generate(p_ids)
+            generated, generate_seconds = generated + sum(map(len, r_ids)), generate_seconds + time.time() - t_gen
+            texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
+            outcome, reasons = outcome_rewards(texts, [row for row in rows for _ in range(K)])
+            for reason, count in reasons.items():
+                metrics[f"verifier/{reason}"] = metrics.get(f"verifier/{reason}", 0) + count
+            sampled += torch.tensor([outcome.sum().item(), len(outcome)], dtype=torch.float64)
+            keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
+            # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
+            prompts += [p for p, k in zip(p_ids, keep) if k]
+            responses += [r for r, k in zip(r_ids, keep) if k]
+            engine_logps += [lp for lp, k in zip(r_logps, keep) if k]
+            outcomes.append(outcome[keep])
+        if all_reduce(torch.tensor(min(len(prompts), quota)), "min") >= quota:
+            break
+    n = int(all_reduce(torch.tensor(min(len(prompts), quota)), "min"))  # whole groups on every rank
+    sampled = all_reduce(sampled, "sum")
+    metrics.update({"rollout/accuracy": (sampled[0] / sampled[1]).item(), "filter/rounds": rounds,
+                    "filter/kept_groups": n // K, "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1),
+                    "perf/rollout_tokens_per_s": generated / max(generate_seconds, 1e-9)})  # per rank
+    return prompts[:n], responses[:n], engine_logps[:n], torch.cat(outcomes)[:n], metrics
+
+
 def outcome_rewards(texts, rows):
     """The verifier's outcome reward [len(texts)] of each response to its row (math answer or code
     tests, by the row's ability), scored in worker processes, and how many items had each reason
@@ -819,7 +859,6 @@ def main(args: Args):
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if prm is not None else None
     shuffle_gen = torch.Generator().manual_seed(args.seed + rank)
-    K, quota = args.samples_per_prompt, local.prompts_per_step * args.samples_per_prompt  # quota: responses per rank
 
     optimizers = [opt for opt in (policy_opt, prm_opt) if opt is not None]
     metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.jsonl")
@@ -856,43 +895,14 @@ def main(args: Args):
     bar = tqdm(range(start + 1, args.steps + 1), desc="prime", dynamic_ncols=True, disable=not is_main)
     for step in bar:
         t0 = time.time()
-        # 1-3. generate K samples per prompt, verify, filter; repeat until every rank has its quota
-        # of groups with both right and wrong answers, or the rounds run out (then every rank
-        # trains on as many groups as the rank with fewest has: equal batches keep FSDP's
-        # collectives in step; filter/kept_groups shows the shortfall).
-        prompts, responses, engine_logps, outcomes, reasons = [], [], [], [], {}
-        sampled = torch.zeros(2, dtype=torch.float64)  # (sum of outcomes, count) on this rank
-        generated, generate_seconds = 0, 0.0
-        for rounds in range(1, args.max_filter_rounds + 1):
-            rows = stream.take(args.prompts_per_step)[rank * local.prompts_per_step:(rank + 1) * local.prompts_per_step]
-            if len(prompts) < quota:  # a rank with its quota still takes its rows: streams stay in step
-                p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
-                t_gen = time.time()
-                r_ids, r_logps = engine.generate(p_ids)
-                generated, generate_seconds = generated + sum(map(len, r_ids)), generate_seconds + time.time() - t_gen
-                texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
-                outcome, round_reasons = outcome_rewards(texts, [row for row in rows for _ in range(K)])
-                for reason, count in round_reasons.items():
-                    reasons[f"verifier/{reason}"] = reasons.get(f"verifier/{reason}", 0) + count
-                sampled += torch.tensor([outcome.sum().item(), len(outcome)], dtype=torch.float64)
-                keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
-                # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
-                prompts += [p for p, k in zip(p_ids, keep) if k]
-                responses += [r for r, k in zip(r_ids, keep) if k]
-                engine_logps += [lp for lp, k in zip(r_logps, keep) if k]
-                outcomes.append(outcome[keep])
-            if all_reduce(torch.tensor(min(len(prompts), quota)), "min") >= quota:
-                break
-        n = int(all_reduce(torch.tensor(min(len(prompts), quota)), "min"))  # responses per rank, whole groups
-        outcome = torch.cat(outcomes)[:n].to(device)
-        sampled = all_reduce(sampled, "sum")
-        metrics = {"step": step, "rollout/accuracy": (sampled[0] / sampled[1]).item(),
-                   "filter/rounds": rounds, "filter/kept_groups": n // K,
-                   "rollout/response_len": sum(map(len, responses[:n])) / max(n, 1), **reasons}
+        # 1-3. generate K samples per prompt, verify, filter
+        prompts, responses, engine_logps, outcome, metrics = sample_filtered_groups(engine, stream, tokenizer, local, rank)
+        n = len(responses)
+        outcome, metrics = outcome.to(device), {"step": step, **metrics}
         if n > 0:  # else every group was all right or all wrong: nothing to learn this step
-            batch = tuple(t.to(device) for t in collate(prompts[:n], responses[:n], engine.pad_id))
+            batch = tuple(t.to(device) for t in collate(prompts, responses, engine.pad_id))
             R = batch[2].shape[1]
-            engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps[:n]], device=device)
+            engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps], device=device)
             q, _, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, local, shuffle_gen, engine_logp)
             metrics.update(step_metrics)
             # 8. the rollout engine samples from the new policy
@@ -900,7 +910,6 @@ def main(args: Args):
 
         # 9. log, evaluate
         metrics["perf/step_seconds"] = time.time() - t0
-        metrics["perf/rollout_tokens_per_s"] = generated / max(generate_seconds, 1e-9)  # per rank
         if device.type == "cuda":
             metrics["perf/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step % args.eval_every == 0 or step == args.steps:
