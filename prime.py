@@ -693,13 +693,15 @@ def write_eval_report(run_dir, history, args):
 
 
 def sample_records(step, tokenizer, batch, q, outcome, args):
-    """A few responses with their per-token implicit rewards beta*q_t, for samples.jsonl."""
-    ids, _, mask = batch
+    """A few responses (with their prompt) and their per-token implicit rewards beta*q_t, for
+    samples.jsonl (bench/render_samples.py draws them)."""
+    ids, attn, mask = batch
     R, records = mask.shape[1], []
     for i in range(min(args.num_samples_logged, len(ids))):
         n = int(mask[i].sum())
         tokens = ids[i, -R:][:n].tolist()
         records.append({"step": step, "outcome": outcome[i].item(),
+                        "prompt": tokenizer.decode(ids[i, :-R][attn[i, :-R].bool()]),
                         "tokens": [tokenizer.decode([t]) for t in tokens],
                         "rewards": [] if q is None else (args.beta * q[i, :n]).tolist()})
     return records

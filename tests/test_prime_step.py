@@ -252,3 +252,23 @@ def test_bad_rows_and_long_prompts_are_counted_not_silent(tiny_model_dir, tmp_pa
     assert step0["data/train_dropped_long_prompts"] == 1
     # evaluated at every step: eval.json holds the history, one entry per eval
     assert [h["step"] for h in json.load(open(tmp_path / "lenient" / "eval.json"))] == [0, 1, 2]
+
+
+def test_render_samples_draws_a_real_runs_rewards(default_run):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("render_samples", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "render_samples.py"))
+    render_samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_samples)
+    run_dir = default_run["engine"].args.run_dir
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    page = render_samples.render(samples)
+    assert "<h2>step 1</h2>" in page and "<h2>step 2</h2>" in page
+    assert page.count("<span class='t'") == sum(len(s["tokens"]) for s in samples)
+    assert all(s["prompt"].startswith("<|im_start|>user") for s in samples)
+    assert "&lt;|im_start|&gt;user" in page and "<|im_start|>" not in page  # text is escaped
+    # the token with the largest |reward| gets full colour, a zero reward stays white
+    biggest = max((r for s in samples for r in s["rewards"]), key=abs)
+    assert f"{render_samples.colour(biggest, abs(biggest))}' title='{biggest:+.4g}'" in page
+    assert render_samples.colour(0.0, 1.0) == "hsl(120, 70%, 100%)"
+    assert "No process rewards" in render_samples.render([dict(samples[0], rewards=[])])

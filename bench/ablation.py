@@ -1,0 +1,138 @@
+"""Dense vs outcome rewards and other switches, on the embedded default task, across seeds.
+
+    pip install -r requirements-bench.txt
+    python bench/ablation.py --out runs/ablation --seeds 0,1,2 --budget-minutes 60
+    python bench/ablation.py --configs prime,outcome-only --steps 50 -- --eval-every 5   # flags after -- go to prime.py
+
+Runs `prime.py` once per (configuration, seed), seed-major (every configuration on seed 0, then
+on seed 1, ...) so a budget cut short still compares configurations on the same seeds. Every run
+has the same flags except its switch. Writes curves.csv and curves.png (eval accuracy against
+samples seen, mean and min-max across seeds) in --out and prints, per configuration, the final
+accuracy and the samples needed to reach --target, with the ratio against outcome-only.
+Runs already finished in --out are read, not rerun, so an interrupted sweep continues.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {  # name -> the prime.py flags that differ from the default
+    "prime": [],
+    "outcome-only": ["--no-prm"],
+    "offline-prm": ["--prm-update", "none"],
+    "whole": ["--granularity", "whole"],
+}
+
+
+def run_once(name, seed, args, extra):
+    """Run one configuration and seed (unless its run directory is complete); its metrics rows."""
+    run_dir = os.path.join(args.out, f"{name}-seed{seed}")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    done = os.path.exists(path) and any(json.loads(line)["step"] == args.steps for line in open(path))
+    if not done:
+        subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
+                        "--steps", str(args.steps), *CONFIGS[name], *extra], check=True, cwd=ROOT)
+    return [json.loads(line) for line in open(path)]
+
+
+def curve_rows(name, seed, metrics):
+    """One row per logged step; samples seen = responses sampled (and verified) so far."""
+    rows, seen = [], 0
+    for m in metrics:
+        seen += sum(v for k, v in m.items() if k.startswith("verifier/"))
+        rows.append({"config": name, "seed": seed, "step": m["step"], "samples_seen": seen,
+                     "rollout_accuracy": m.get("rollout/accuracy", ""), "eval_accuracy": m.get("eval/accuracy", ""),
+                     "prm_accuracy": m.get("prm/accuracy", "")})
+    return rows
+
+
+def summarize(rows, target):
+    """Per configuration: seeds, final eval accuracy (mean, min, max) and the mean samples seen at
+    the first eval reaching `target` (None unless every seed reached it)."""
+    table = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        runs = {}
+        for r in rows:
+            if r["config"] == name and r["eval_accuracy"] != "":
+                runs.setdefault(r["seed"], []).append(r)
+        finals = [evals[-1]["eval_accuracy"] for evals in runs.values()]
+        reach = [next((e["samples_seen"] for e in evals if e["eval_accuracy"] >= target), None) for evals in runs.values()]
+        table[name] = {"seeds": len(runs), "final": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
+                       "samples_to_target": None if None in reach else sum(reach) / len(reach)}
+    return table
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["config"] for r in rows):
+        by_step = {}
+        for r in rows:
+            if r["config"] == name and r["eval_accuracy"] != "":
+                by_step.setdefault(r["step"], []).append(r)
+        steps = sorted(s for s, rs in by_step.items() if len(rs) == max(map(len, by_step.values())))  # every seed
+        x = [sum(r["samples_seen"] for r in by_step[s]) / len(by_step[s]) for s in steps]
+        accs = [[r["eval_accuracy"] for r in by_step[s]] for s in steps]
+        line, = ax.plot(x, [sum(a) / len(a) for a in accs], label=f"{name} ({len(accs[0])} seeds)")
+        ax.fill_between(x, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("responses sampled")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/ablation", help="folder for the runs, curves.csv and curves.png")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=150, help="PRIME steps per run")
+    parser.add_argument("--budget-minutes", type=float, default=float("inf"),
+                        help="start no run that would, at the pace so far, end past this")
+    parser.add_argument("--target", type=float, default=0.7, help="eval accuracy for the samples-to-target column")
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; known: {list(CONFIGS)}")
+    os.makedirs(args.out, exist_ok=True)
+    rows, t0, runs = [], time.time(), 0
+    for seed in map(int, args.seeds.split(",")):
+        for name in names:
+            elapsed = (time.time() - t0) / 60
+            if runs and elapsed + elapsed / runs > args.budget_minutes:
+                print(f"budget: stopping after {runs} runs ({elapsed:.1f} min)")
+                break
+            rows += curve_rows(name, seed, run_once(name, seed, args, extra))
+            runs += 1
+        else:
+            continue
+        break
+    with open(os.path.join(args.out, "curves.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, os.path.join(args.out, "curves.png"))
+    table = summarize(rows, args.target)
+    base = table.get("outcome-only", {}).get("samples_to_target")
+    print(f"\n| configuration | seeds | final eval accuracy (min-max) | responses to reach {args.target:.0%} | vs outcome-only |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t in table.items():
+        reach = f"{t['samples_to_target']:,.0f}" if t["samples_to_target"] else "not every seed"
+        ratio = f"{base / t['samples_to_target']:.2f}x" if base and t["samples_to_target"] else "-"
+        print(f"| {name} | {t['seeds']} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) | {reach} | {ratio} |")
+    print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} ({(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""bench/ablation.py: its bookkeeping by hand, and one tiny sweep end to end."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("ablation", os.path.join(ROOT, "bench", "ablation.py"))
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def metrics(evals, sampled=8):
+    """Logged lines: step 0 (eval only), then steps that sampled `sampled` responses each."""
+    out = [{"step": 0, "eval/accuracy": evals[0]}]
+    for step, acc in enumerate(evals[1:], 1):
+        out.append({"step": step, "rollout/accuracy": 0.5, "verifier/ok": sampled // 2, "verifier/wrong": sampled // 2,
+                    "eval/accuracy": acc})
+    return out
+
+
+def test_samples_seen_and_samples_to_target_by_hand():
+    rows = ablation.curve_rows("a", 0, metrics([0.2, 0.5, 0.8, 0.9]))
+    assert [r["samples_seen"] for r in rows] == [0, 8, 16, 24]
+    rows += ablation.curve_rows("a", 1, metrics([0.2, 0.7, 0.7, 0.6]))
+    rows += ablation.curve_rows("b", 0, metrics([0.2, 0.3, 0.4, 0.5]))
+    table = ablation.summarize(rows, target=0.7)
+    # seed 0 reaches 0.7 after 16 responses, seed 1 after 8: mean 12
+    assert table["a"] == {"seeds": 2, "final": pytest.approx(0.75), "min": 0.6, "max": 0.9, "samples_to_target": 12}
+    assert table["b"]["samples_to_target"] is None and table["b"]["final"] == 0.5
+
+
+def test_tiny_sweep_end_to_end(tiny_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "ablation.py"), "--out", str(out), "--configs", "prime,outcome-only",
+           "--seeds", "0", "--steps", "2", "--", "--model", tiny_model_dir, "--eval-size", "4", "--eval-every", "1",
+           "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-response-len", "4", "--filter-low", "0",
+           "--filter-high", "1", "--mini-batch-size", "4", "--micro-batch-size", "4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "curves.csv")))
+    assert {(r["config"], r["step"]) for r in rows} == {(c, s) for c in ("prime", "outcome-only") for s in "012"}
+    assert os.path.getsize(out / "curves.png") > 1000
+    assert "| prime | 1 |" in result.stdout and "| outcome-only | 1 |" in result.stdout
+    # a second call reads the finished runs instead of rerunning them
+    mtime = os.path.getmtime(out / "prime-seed0" / "metrics.jsonl")
+    subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT)
+    assert os.path.getmtime(out / "prime-seed0" / "metrics.jsonl") == mtime
