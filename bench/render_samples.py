@@ -12,8 +12,9 @@ import os
 
 
 def colour(reward: float, scale: float) -> str:
-    """Background for a reward: saturation grows with |reward| / scale (the page's largest)."""
-    x = min(abs(reward) / scale, 1.0) if scale > 0 else 0.0
+    """Background for a reward: darker with sqrt(|reward| / scale), scale = the page's largest
+    |reward| (the square root keeps the many small rewards visible next to a few large ones)."""
+    x = min(abs(reward) / scale, 1.0) ** 0.5 if scale > 0 else 0.0
     light = round(100 - 45 * x)
     return f"hsl({120 if reward >= 0 else 0}, 70%, {light}%)"
 
