@@ -63,8 +63,15 @@ class Args:
     # implicit PRM
     beta: float = arg(0.05, "beta of the implicit PRM: r_t = beta * log(pi_phi / pi_ref) (Eq. 3)")
     no_prm: bool = arg(False, "outcome-only RLOO: no PRM, no process rewards (the paper's baseline)")
-    process_reward_coef: float = arg(1.0, "weight of the process rewards in the advantage; 0 = --no-prm")
-    granularity: str = arg("token", "process reward on every token, or summed on the last", choices=["token", "whole"])
+    process_reward_coef: float = arg(1.0, "weight of the process return in the advantage; 0 = --no-prm", aliases=["--process-coef"])
+    adaptive_process_coef: bool = arg(False, "scale the process weight by how much better than chance the PRM ranks "
+                                      "fresh responses (smoothed pairwise accuracy): 0 at chance, full at 100%%")
+    granularity: str = arg("token", "process reward on every token, summed per reasoning step on the step's last "
+                           "token, or summed on the last token", choices=["token", "step", "whole"])
+    step_separator: str = arg("\n", "--granularity step: text that ends a reasoning step (a token containing it "
+                              "closes the step)")
+    outcome_noise: float = arg(0.0, "flip each training outcome label (o -> 1-o) with this probability: a "
+                               "contaminated verifier (eval is never flipped)")
     reward_norm: str = arg("batch_norm", "scale process rewards by the batch's max |return| (official)", choices=["batch_norm", "none"])
     prm_update: str = arg("after", "read rewards then update the PRM (single forward), update first, or never",
                           choices=["after", "before", "none"])
@@ -74,6 +81,8 @@ class Args:
     prm_weight_decay: float = arg(0.0, "PRM AdamW weight decay")
     prm_grad_clip: float = arg(10.0, "PRM gradient-norm clip")
     # advantages and policy
+    estimator: str = arg("rloo", "advantage estimator (paper Sec. 5.3): RLOO (Eq. 5), GRPO-style group z-scores "
+                         "(Eq. 7), or REINFORCE without baseline (Eq. 8)", choices=["rloo", "grpo", "reinforce"])
     rloo_variant: str = arg("official", "RLOO scaling: official code, or the paper's Eq. 5", choices=["official", "paper"])
     gamma: float = arg(1.0, "discount of the process-reward return")
     whiten: bool = arg(True, "whiten advantages over the batch (official)")
@@ -136,17 +145,26 @@ def implicit_rewards(prm_logp, ref_logp, mask):
     return (prm_logp - ref_logp) * mask
 
 
-def process_rewards(q, mask, beta=0.05, granularity="token", norm="batch_norm", reduce=_local):
+def process_rewards(q, mask, beta=0.05, granularity="token", norm="batch_norm", reduce=_local, step_ends=None):
     """Process rewards [B, R] from implicit rewards q [B, R] (Eq. 3, official-code post-processing).
 
-    token: r_t = beta * q_t. whole: beta * sum_t q_t on the last valid token (one reward per
-    response). batch_norm (official): divide by max_{i,t} |sum_{s>=t} r_{i,s}| + 1e-6 over the
-    batch, so the largest process return is 1, on the scale of the 0/1 outcome."""
+    token: r_t = beta * q_t. step: beta * (sum of q over a reasoning step) on the step's last
+    token, `step_ends` [B, R] marking those (see step_end_mask). whole: beta * sum_t q_t on the last
+    valid token (one reward per response). batch_norm (official): divide by
+    max_{i,t} |sum_{s>=t} r_{i,s}| + 1e-6 over the batch, so the largest process return is 1, on
+    the scale of the 0/1 outcome."""
     r = beta * q * mask
     if granularity == "whole":
         r = r.sum(-1, keepdim=True) * last_token_mask(mask)
+    elif granularity == "step":
+        if step_ends is None:
+            raise ValueError("granularity 'step' needs step_ends, the mask of each reasoning step's last token")
+        ends = torch.maximum(step_ends * mask, last_token_mask(mask))  # the last step ends with the response
+        step = (ends.cumsum(-1) - ends).long()  # [B, R]: which step each token belongs to
+        totals = torch.zeros_like(r).scatter_add_(-1, step, r)  # [B, R]: each step's sum, by step index
+        r = totals.gather(-1, step) * ends
     elif granularity != "token":
-        raise ValueError(f"granularity must be 'token' or 'whole', got {granularity!r}")
+        raise ValueError(f"granularity must be 'token', 'step' or 'whole', got {granularity!r}")
     if norm == "batch_norm":
         suffix_sums = r.flip(-1).cumsum(-1).flip(-1)
         r = r / (reduce(suffix_sums.abs().max(), "max") + 1e-6)
@@ -188,6 +206,18 @@ def rloo(rewards, mask, k, variant="official"):
     return out * mask
 
 
+def grpo(rewards, mask, k, eps=1e-6):
+    """Group z-scores (paper Eq. 7, GRPO-style), [B, R] -> [B, R]: with m_j the mean of rewards[j]
+    over its mask, (r - mean_group(m)) / (std_group(m) + eps), unbiased std over the K of a
+    group; 0 off-mask. On the outcome (one rewarded token) it is the familiar GRPO advantage."""
+    if k < 2:
+        raise ValueError(f"group statistics need K >= 2 samples per prompt; got K={k}")
+    mask = mask.to(rewards.dtype)
+    m = ((rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(-1, k)  # [B/K, K]
+    mean, std = m.mean(-1).repeat_interleave(k), m.std(-1).repeat_interleave(k)
+    return (rewards - mean[:, None]) / (std[:, None] + eps) * mask
+
+
 def discounted_returns(rewards, mask, gamma=1.0):
     """G_t = r_t + gamma * G_{t+1} over valid tokens (the sum in Eq. 5). [B, R] -> [B, R]."""
     rewards = rewards * mask
@@ -209,17 +239,20 @@ def masked_whiten(values, mask, reduce=_local):
 
 
 def prime_advantages(process_rewards, outcome, mask, k, gamma=1.0, variant="official", whiten=True,
-                     reduce=_local):
+                     reduce=_local, estimator="rloo"):
     """PRIME's advantage (Eq. 5, as the official code computes it), [B, R].
 
-    The outcome [B] sits on the last valid token; RLOO is applied to each reward source on its
-    own (outcome over that one token, process rewards over all valid tokens); each becomes a
+    The outcome [B] sits on the last valid token; a baseline is applied to each reward source on
+    its own (outcome over that one token, process rewards over all valid tokens); each becomes a
     return (outcome undiscounted, so every token carries it); the two are summed and whitened.
-    process_rewards=None gives outcome-only RLOO, the paper's baseline."""
+    estimator: rloo (Eq. 5), grpo (group z-scores, Eq. 7) or reinforce (no baseline, Eq. 8:
+    A_t = r_o + sum_{s>=t} gamma^(s-t) r_s). process_rewards=None gives the outcome-only baseline."""
+    baseline = {"rloo": lambda r, m: rloo(r, m, k, variant), "grpo": lambda r, m: grpo(r, m, k),
+                "reinforce": lambda r, m: r * m}[estimator]
     last = last_token_mask(mask)
-    adv = discounted_returns(rloo(outcome[:, None] * last, last, k, variant), mask, 1.0)
+    adv = discounted_returns(baseline(outcome[:, None] * last, last), mask, 1.0)
     if process_rewards is not None:
-        adv = adv + discounted_returns(rloo(process_rewards, mask, k, variant), mask, gamma)
+        adv = adv + discounted_returns(baseline(process_rewards, mask), mask, gamma)
     return masked_whiten(adv, mask, reduce) if whiten else adv * mask
 
 
@@ -275,14 +308,26 @@ def response_mask(responses, eos_ids):
     return ((is_eos.cumsum(-1) - is_eos) == 0).float()  # no EOS strictly before t
 
 
-def pairwise_accuracy(scores, outcome, k):
+def step_end_mask(tokenizer, responses, separator, width):
+    """1 on each response token whose text contains `separator` (it ends a reasoning step), as
+    [B, width] for responses given as token-id lists. Tokens are decoded one by one: a token's
+    text is its span of the response, so step boundaries fall on token boundaries."""
+    ends = torch.zeros(len(responses), width)
+    for i, ids in enumerate(responses):
+        for t, text in enumerate(tokenizer.batch_decode([[token] for token in ids])):
+            ends[i, t] = float(separator in text)
+    return ends
+
+
+def pairwise_accuracy(scores, outcome, k, reduce=_local):
     """Within each group of K, the fraction of (better, worse) outcome pairs whose scores are
-    ordered the same way (ties count half): how well the PRM ranks responses. nan if no pairs."""
+    ordered the same way (ties count half): how well the PRM ranks responses. nan if no pairs.
+    Pairs are counted over the whole batch (all ranks, with reduce)."""
     s, o = scores.view(-1, k), outcome.view(-1, k)
     better = (o[:, :, None] > o[:, None, :]).float()  # [G, K, K]: i beat j
     agree = (s[:, :, None] > s[:, None, :]).float() + 0.5 * (s[:, :, None] == s[:, None, :]).float()
-    pairs = better.sum()
-    return ((better * agree).sum() / pairs).item() if pairs > 0 else float("nan")
+    agreed, pairs = reduce(torch.stack([(better * agree).sum(), better.sum()]), "sum").tolist()
+    return agreed / pairs if pairs > 0 else float("nan")
 
 
 # ==============================================================================================
@@ -572,10 +617,25 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen)
             **{f"policy/{key}": v / count for key, v in totals.items()}}
 
 
-def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen, engine_logp=None):
+def process_coef(args, trust, accuracy, smoothing=0.9):
+    """The weight of the process return. Fixed (--process-coef), or with --adaptive-process-coef
+    scaled by how much better than chance the PRM ranks fresh responses: an exponential moving
+    average a of its held-out pairwise accuracy (starting at chance, 0.5) gives the weight
+    coef * clip(2a - 1, 0, 1): nothing while the PRM is no better than a coin, all at 100%."""
+    if not args.adaptive_process_coef:
+        return args.process_reward_coef
+    if not math.isnan(accuracy):  # a batch without right/wrong pairs says nothing
+        trust["accuracy"] = smoothing * trust["accuracy"] + (1 - smoothing) * accuracy
+    return args.process_reward_coef * min(max(2 * trust["accuracy"] - 1, 0.0), 1.0)
+
+
+def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuffle_gen, engine_logp=None,
+               step_ends=None, trust=None):
     """Phases 4-7 of one step on this rank's filtered batch: log-probs, PRM, advantages, policy
     update. Batch-wide statistics are taken over all ranks. engine_logp [B, R]: the rollout
     engine's log-probs of the sampled tokens, compared with the trainer's (a stale-weights alarm).
+    step_ends [B, R]: reasoning-step ends, for --granularity step. trust: {"accuracy": smoothed
+    PRM pairwise accuracy}, updated here, for --adaptive-process-coef.
     Returns the implicit rewards q [B, R] (None without a PRM), the advantages and the metrics."""
     mask, K, metrics = batch[2], args.samples_per_prompt, {}
     # 4. log-probs of the sampling policy and of the reference, no grad
@@ -590,24 +650,28 @@ def prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, args, shuf
         q, prm_metrics = update_prm(prm, prm_opt, batch, old_logp if args.reference == "policy" else ref_logp, outcome, args)
         metrics.update(prm_metrics)
         # held out for "after" (q is read before the PRM trains on this batch); in-sample for "before"
-        metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K)
-        r = args.process_reward_coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm, all_reduce)
+        metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K, all_reduce)
+        metrics["prm/process_coef"] = process_coef(args, trust, metrics["prm/accuracy"])
+        r = metrics["prm/process_coef"] * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm,
+                                                          all_reduce, step_ends)
         # size of the process return next to the 0/1 outcome: how much the PRM steers
         metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
 
     # 6. advantages: RLOO of process and outcome rewards, summed, whitened over all ranks
-    advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten, all_reduce)
+    advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten, all_reduce, args.estimator)
 
     # 7. PPO-clip policy update
     metrics.update(update_policy(policy, policy_opt, batch, old_logp, ref_logp, advantages, args, shuffle_gen))
     return q, advantages, metrics
 
 
-def sample_filtered_groups(engine, stream, tokenizer, args, rank):
+def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
     """Phases 1-3: sample K responses per prompt, verify, keep the groups that pass the accuracy
     filter; repeat until every rank has its quota (args: this rank's share of prompts per step),
     or the rounds run out: then every rank keeps as many groups as the rank with fewest has
     (equal batches keep FSDP's collectives in step; filter/kept_groups shows the shortfall).
+    With --outcome-noise each label is flipped (o -> 1 - o, drawn from noise_gen) after it is
+    counted in rollout/accuracy and before the filter: the trainer sees a contaminated verifier.
     Returns this rank's kept prompts, responses, engine log-probs, outcome [n] and the metrics."""
     import data
     K, quota = args.samples_per_prompt, args.prompts_per_step * args.samples_per_prompt  # responses per rank
@@ -627,6 +691,10 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank):
             for reason, count in reasons.items():
                 metrics[f"verifier/{reason}"] = metrics.get(f"verifier/{reason}", 0) + count
             sampled += torch.tensor([outcome.sum().item(), len(outcome)], dtype=torch.float64)
+            if args.outcome_noise > 0:
+                flip = torch.rand(len(outcome), generator=noise_gen) < args.outcome_noise
+                outcome = torch.where(flip, 1 - outcome, outcome)
+                metrics["rollout/flipped_labels"] = metrics.get("rollout/flipped_labels", 0) + int(flip.sum())
             keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high).repeat_interleave(K)
             # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
             prompts += [p for p, k in zip(p_ids, keep) if k]
@@ -773,7 +841,7 @@ def merge_rank_metrics(per_rank):
     merged = {}
     for key in dict.fromkeys(k for m in per_rank for k in m):
         values = [m[key] for m in per_rank if key in m]
-        summed = key.startswith("verifier/") or key == "filter/kept_groups"
+        summed = key.startswith("verifier/") or key in ("filter/kept_groups", "rollout/flipped_labels")
         merged[key] = sum(values) if summed else values[0] if len(set(values)) == 1 else sum(values) / len(values)
     return merged
 
@@ -861,6 +929,8 @@ def main(args: Args):
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     prm_opt = torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay) if prm is not None else None
     shuffle_gen = torch.Generator().manual_seed(args.seed + rank)
+    noise_gen = torch.Generator().manual_seed(args.seed + rank + 1_000_003)  # --outcome-noise's own stream
+    trust = {"accuracy": 0.5}  # smoothed PRM pairwise accuracy, for --adaptive-process-coef
 
     optimizers = [opt for opt in (policy_opt, prm_opt) if opt is not None]
     metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "samples.jsonl")
@@ -872,6 +942,8 @@ def main(args: Args):
         load_optimizers([policy, prm], optimizers, state["optimizers"])
         stream.load_state_dict(state["stream"])
         shuffle_gen.set_state(state["rng"][rank]["shuffle"])
+        noise_gen.set_state(state["rng"][rank]["noise"])
+        trust.update(state["trust"])
         set_rng_states(state["rng"][rank])
         start, (first_eval, last_eval) = state["step"], state["evals"]
         if os.path.exists(os.path.join(run_dir, "eval.json")):
@@ -898,14 +970,16 @@ def main(args: Args):
     for step in bar:
         t0 = time.time()
         # 1-3. generate K samples per prompt, verify, filter
-        prompts, responses, engine_logps, outcome, metrics = sample_filtered_groups(engine, stream, tokenizer, local, rank)
+        prompts, responses, engine_logps, outcome, metrics = sample_filtered_groups(engine, stream, tokenizer, local, rank, noise_gen)
         n = len(responses)
         outcome, metrics = outcome.to(device), {"step": step, **metrics}
         if n > 0:  # else every group was all right or all wrong: nothing to learn this step
             batch = tuple(t.to(device) for t in collate(prompts, responses, engine.pad_id))
             R = batch[2].shape[1]
             engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps], device=device)
-            q, _, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, local, shuffle_gen, engine_logp)
+            step_ends = step_end_mask(tokenizer, responses, args.step_separator, R).to(device) if args.granularity == "step" else None
+            q, _, step_metrics = prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome, local, shuffle_gen,
+                                            engine_logp, step_ends, trust)
             metrics.update(step_metrics)
             # 8. the rollout engine samples from the new policy
             engine.sync(policy)
@@ -926,9 +1000,10 @@ def main(args: Args):
         bar.set_postfix(reward=f"{metrics['rollout/accuracy']:.3f}", prm_acc=f"{metrics.get('prm/accuracy', float('nan')):.3f}",
                         eval=f"{last_eval:.3f}")
         if args.save_every and step % args.save_every == 0:
-            rng = gather_objects({**rng_states(), "shuffle": shuffle_gen.get_state()})
+            rng = gather_objects({**rng_states(), "shuffle": shuffle_gen.get_state(), "noise": noise_gen.get_state()})
             save_checkpoint(run_dir, step, {"policy": policy, "prm": prm}, optimizers, tokenizer,
-                            {"step": step, "evals": (first_eval, last_eval), "stream": stream.state_dict(), "rng": rng})
+                            {"step": step, "evals": (first_eval, last_eval), "stream": stream.state_dict(), "rng": rng,
+                             "trust": trust})
     if is_main:
         print(f"eval accuracy ({len(eval_rows)} held-out problems, see eval.md): "
               f"{first_eval:.1%} at step 0 -> {last_eval:.1%} at step {args.steps} ({100 * (last_eval - first_eval):+.1f} points)")

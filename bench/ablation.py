@@ -20,12 +20,18 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {  # name -> the prime.py flags that differ from the default
-    "prime": [],
-    "outcome-only": ["--no-prm"],
-    "offline-prm": ["--prm-update", "none"],
-    "whole": ["--granularity", "whole"],
+CONFIGS = {  # name -> the prime.py flags that differ from the default; the question it answers
+    "prime": [],  # PRIME as the official code runs it
+    "outcome-only": ["--no-prm"],  # do dense implicit rewards beat outcome-only RLOO?
+    "offline-prm": ["--prm-update", "none"],  # does updating the PRM online matter?
+    "whole": ["--granularity", "whole"],  # does token-level credit beat one reward per response?
+    "step": ["--granularity", "step", "--step-separator", ","],  # ... or one per reasoning step (a digit column here)?
+    "grpo": ["--estimator", "grpo"],  # group z-scores instead of RLOO (paper Eq. 7)
+    "reinforce": ["--estimator", "reinforce"],  # no baseline at all (paper Eq. 8)
+    "adaptive-coef": ["--adaptive-process-coef"],  # trust the PRM only as far as it ranks fresh samples
+    "outcome-noise-0.2": ["--outcome-noise", "0.2"],  # how does PRIME cope with a verifier wrong 20% of the time?
 }
+DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
 
 
 def run_once(name, seed, args, extra):
@@ -94,7 +100,7 @@ def main():
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/ablation", help="folder for the runs, curves.csv and curves.png")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=150, help="PRIME steps per run")
     parser.add_argument("--budget-minutes", type=float, default=float("inf"),

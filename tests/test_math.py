@@ -264,3 +264,68 @@ def test_pairwise_accuracy_hand_worked():
     # group 2 pairs: (3 beats 4): tie 0.5; (5 beats 4): 0 < 5 wrong -> 0
     assert prime.pairwise_accuracy(scores, outcome, 3) == pytest.approx((1 + 1 + 0.5 + 0) / 4)
     assert math.isnan(prime.pairwise_accuracy(scores, torch.ones(6), 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Research switches: estimators (paper Sec. 5.3), step granularity, process weight
+def test_grpo_hand_worked():
+    # one group of K=3 outcomes 1, 0, 0 on the last token: mean 1/3, unbiased std sqrt(1/3)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    last = prime.last_token_mask(mask)
+    out = prime.grpo(torch.tensor([1.0, 0.0, 0.0])[:, None] * last, last, k=3)
+    std = (1 / 3) ** 0.5
+    assert_close(out, [[0.0, (2 / 3) / std], [(-1 / 3) / std, 0.0], [0.0, (-1 / 3) / std]], atol=1e-4)
+    # dense rewards: z-scores against the per-response means m = (2, 0) -> mean 1, std sqrt(2)
+    dense = prime.grpo(torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.ones(2, 2), k=2)
+    assert_close(dense, [[0.0, 2 / 2 ** 0.5], [-1 / 2 ** 0.5, -1 / 2 ** 0.5]], atol=1e-4)
+    with pytest.raises(ValueError, match="K >= 2"):
+        prime.grpo(torch.ones(2, 2), torch.ones(2, 2), k=1)
+
+
+def test_estimators_hand_worked():
+    # K=2, outcomes 1 and 0, process rewards on two tokens, gamma 0.5, no whitening
+    mask = torch.ones(2, 2)
+    r = torch.tensor([[0.2, 0.4], [0.0, -0.2]])
+    outcome = torch.tensor([1.0, 0.0])
+    adv = lambda est: prime.prime_advantages(r, outcome, mask, k=2, gamma=0.5, whiten=False, estimator=est)
+    # reinforce (Eq. 8): A_t = r_o + sum_{s>=t} 0.5^(s-t) r_s
+    assert_close(adv("reinforce"), [[1 + 0.2 + 0.5 * 0.4, 1 + 0.4], [0 + 0.0 + 0.5 * -0.2, -0.2]])
+    # grpo: outcome z-scores +-0.5/std(1, 0) = +-0.5/sqrt(0.5); process means (0.3, -0.1): mean 0.1, std sqrt(0.08)
+    s2, sp = 0.5 ** 0.5, 0.08 ** 0.5
+    z = lambda x: (x - 0.1) / sp
+    assert_close(adv("grpo"), [[s2 + z(0.2) + 0.5 * z(0.4), s2 + z(0.4)], [-s2 + z(0.0) + 0.5 * z(-0.2), -s2 + z(-0.2)]], atol=1e-4)
+    # rloo is the default
+    assert torch.equal(adv("rloo"), prime.prime_advantages(r, outcome, mask, k=2, gamma=0.5, whiten=False))
+
+
+def test_step_granularity_sums_each_step_on_its_last_token():
+    q = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 9.0], [1.0, 1.0, 1.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    ends = torch.tensor([[0.0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1]])  # an end past the mask is ignored
+    r = prime.process_rewards(q, mask, beta=0.5, granularity="step", norm="none", step_ends=ends)
+    # steps (1,2) (3,4) (5) and (1) (1,1): the response's last token closes its last step
+    assert_close(r, [[0, 1.5, 0, 3.5, 2.5, 0], [0.5, 0, 1.0, 0, 0, 0]])
+    assert_close(r.sum(-1), 0.5 * (q * mask).sum(-1))  # a step split never changes the total
+    with pytest.raises(ValueError, match="step_ends"):
+        prime.process_rewards(q, mask, granularity="step")
+
+
+def test_step_end_mask_finds_separator_tokens():
+    import bootstrap
+    tok = bootstrap.build_tokenizer(["1+2=3,4+5=9,\\boxed{93}", bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
+    ids = tok("1+2=3,4+5=9,\\boxed{93}", add_special_tokens=False)["input_ids"]
+    ends = prime.step_end_mask(tok, [ids, ids[:3]], ",", width=len(ids) + 2)
+    texts = [tok.decode([i]) for i in ids]
+    assert [t for t, e in zip(texts, ends[0]) if e] == [t for t in texts if "," in t] and len(ends[0].nonzero()) == 2
+    assert ends[1].sum() == 0 and ends.shape == (2, len(ids) + 2)
+
+
+def test_adaptive_process_coef_fades_in_with_prm_accuracy():
+    args = prime.Args(process_reward_coef=2.0, adaptive_process_coef=True)
+    trust = {"accuracy": 0.5}
+    assert prime.process_coef(args, trust, 0.5) == 0.0  # a PRM at chance gets no weight
+    assert prime.process_coef(args, trust, 0.3) == 0.0 and trust["accuracy"] == pytest.approx(0.48)  # worse: still 0
+    coef = prime.process_coef(args, trust, 1.0)  # 0.9 * 0.48 + 0.1 = 0.532
+    assert trust["accuracy"] == pytest.approx(0.532) and coef == pytest.approx(2.0 * (2 * 0.532 - 1))
+    assert prime.process_coef(args, trust, float("nan")) == coef  # no pairs: no news
+    assert prime.process_coef(prime.Args(process_reward_coef=0.7), trust, 0.0) == 0.7  # fixed weight

@@ -100,10 +100,21 @@ def test_same_seed_same_result(default_run, tiny_model_dir, tmp_path, monkeypatc
     {"entropy_coef": 0.1},
     {"process_reward_coef": 0.5},
     {"no_prm": True},
+    {"granularity": "step", "step_separator": "5"},
+    {"estimator": "grpo"},
+    {"estimator": "reinforce"},
+    {"adaptive_process_coef": True},
+    {"outcome_noise": 0.5},
 ], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 def test_switch_changes_the_update(flags, default_run, tiny_model_dir, tmp_path):
     out = run(tiny_model_dir, tmp_path, "switch", **flags)
     assert not torch.equal(weights(out["policy"]), weights(default_run["policy"]))
+    if flags.get("adaptive_process_coef"):
+        coefs = [m["prm/process_coef"] for m in out["metrics"][1:]]
+        assert all(0 <= c < 1 for c in coefs) and default_run["metrics"][1]["prm/process_coef"] == 1.0
+    if flags.get("outcome_noise"):
+        assert sum(m.get("rollout/flipped_labels", 0) for m in out["metrics"]) > 0
+        assert "rollout/flipped_labels" not in default_run["metrics"][1]
     if flags.get("kl_coef"):
         assert out["metrics"][1]["policy/kl"] >= 0
     if flags.get("reference") == "policy":
@@ -164,6 +175,12 @@ def test_filter_skips_steps_without_mixed_groups(tiny_model_dir, tmp_path, monke
 def test_kl_needs_a_frozen_reference(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="--reference sft"):
         run(tiny_model_dir, tmp_path, "bad", kl_coef=0.1, reference="policy")
+
+
+def test_process_coef_alias():
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(prime.Args).parse_args_into_dataclasses(["--process-coef", "0.25"])
+    assert args.process_reward_coef == 0.25
 
 
 def test_help_lists_every_flag():
