@@ -35,14 +35,15 @@ DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
 
 
 def run_once(name, seed, args, extra):
-    """Run one configuration and seed (unless its run directory is complete); its metrics rows."""
+    """Run one configuration and seed (unless its run directory is complete); its metrics rows and
+    whether it ran."""
     run_dir = os.path.join(args.out, f"{name}-seed{seed}")
     path = os.path.join(run_dir, "metrics.jsonl")
     done = os.path.exists(path) and any(json.loads(line)["step"] == args.steps for line in open(path))
     if not done:
         subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
                         "--steps", str(args.steps), *CONFIGS[name], *extra], check=True, cwd=ROOT)
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in open(path)], not done
 
 
 def curve_rows(name, seed, metrics):
@@ -116,11 +117,12 @@ def main():
     for seed in map(int, args.seeds.split(",")):
         for name in names:
             elapsed = (time.time() - t0) / 60
-            if runs and elapsed + elapsed / runs > args.budget_minutes:
-                print(f"budget: stopping after {runs} runs ({elapsed:.1f} min)")
+            if runs and elapsed + elapsed / runs > args.budget_minutes:  # pace of runs made here, not reused ones
+                print(f"budget: stopping after {runs} new runs ({elapsed:.1f} min)")
                 break
-            rows += curve_rows(name, seed, run_once(name, seed, args, extra))
-            runs += 1
+            metrics, ran = run_once(name, seed, args, extra)
+            rows += curve_rows(name, seed, metrics)
+            runs += ran
         else:
             continue
         break

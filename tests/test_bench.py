@@ -37,16 +37,20 @@ def test_tiny_sweep_end_to_end(tiny_model_dir, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "ablation"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "ablation.py"), "--out", str(out), "--configs", "prime,outcome-only",
-           "--seeds", "0", "--steps", "2", "--", "--model", tiny_model_dir, "--eval-size", "4", "--eval-every", "1",
+           "--seeds", "0", "--steps", "2", "--budget-minutes", "0", "--", "--model", tiny_model_dir, "--eval-size", "4", "--eval-every", "1",
            "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-response-len", "4", "--filter-low", "0",
            "--filter-high", "1", "--mini-batch-size", "4", "--micro-batch-size", "4"]
+    # a zero budget still makes one new run, then stops: only prime
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "budget: stopping after 1 new runs" in result.stdout
+    assert {r["config"] for r in csv.DictReader(open(out / "curves.csv"))} == {"prime"}
+    # the finished prime run is read, not rerun, and does not count against the budget
+    mtime = os.path.getmtime(out / "prime-seed0" / "metrics.jsonl")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.getmtime(out / "prime-seed0" / "metrics.jsonl") == mtime
     rows = list(csv.DictReader(open(out / "curves.csv")))
     assert {(r["config"], r["step"]) for r in rows} == {(c, s) for c in ("prime", "outcome-only") for s in "012"}
     assert os.path.getsize(out / "curves.png") > 1000
     assert "| prime | 1 |" in result.stdout and "| outcome-only | 1 |" in result.stdout
-    # a second call reads the finished runs instead of rerunning them
-    mtime = os.path.getmtime(out / "prime-seed0" / "metrics.jsonl")
-    subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT)
-    assert os.path.getmtime(out / "prime-seed0" / "metrics.jsonl") == mtime
