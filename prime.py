@@ -73,6 +73,8 @@ class Args:
     outcome_noise: float = arg(0.0, "flip each training outcome label (o -> 1-o) with this probability: a "
                                "contaminated verifier (eval is never flipped)")
     reward_norm: str = arg("batch_norm", "scale process rewards by the batch's max |return| (official)", choices=["batch_norm", "none"])
+    prm_model: str = arg("", "initial weights of the implicit PRM (same tokenizer); '' = --model (paper default). "
+                         "With --prm-update none, a PRM trained beforehand: the paper's offline PRM")
     prm_update: str = arg("after", "read rewards then update the PRM (single forward), update first, or never",
                           choices=["after", "before", "none"])
     reference: str = arg("sft", "pi_ref of the PRM: the frozen initial model, or the current policy", choices=["sft", "policy"])
@@ -379,8 +381,8 @@ def scalar(x):
 # ==============================================================================================
 # Models and the rollout engines
 def setup_models(args, model_path, device, checkpoint=None):
-    """Policy (trained), PRM (trained, same init) and reference (frozen), all from one checkpoint
-    (policy and PRM from `checkpoint` when resuming). The one place where models are built: under
+    """Policy (trained), PRM (trained, same init unless --prm-model) and reference (frozen), from
+    one checkpoint (policy and PRM from `checkpoint` when resuming). The one place where models are built: under
     torchrun each is sharded with FSDP2, every decoder layer and then the root."""
     from transformers import AutoModelForCausalLM
 
@@ -402,7 +404,10 @@ def setup_models(args, model_path, device, checkpoint=None):
 
     policy = load(os.path.join(checkpoint, "policy") if checkpoint else model_path).train()
     use_prm = not args.no_prm and args.process_reward_coef != 0
-    prm = load(os.path.join(checkpoint, "prm") if checkpoint else model_path).train() if use_prm else None
+    prm = load(os.path.join(checkpoint, "prm") if checkpoint else args.prm_model or model_path).train() if use_prm else None
+    if prm is not None and prm.config.vocab_size != policy.config.vocab_size:
+        raise ValueError(f"--prm-model {args.prm_model}: vocabulary of {prm.config.vocab_size} tokens, the policy's "
+                         f"has {policy.config.vocab_size}; the implicit PRM must share the policy's tokenizer")
     # The PRM's reference and the KL term need the frozen initial model; --reference policy
     # reuses the policy's own pre-update log-probs and needs no extra copy.
     need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
@@ -854,6 +859,8 @@ def main(args: Args):
         args.process_reward_coef = 0.0
     if args.kl_coef > 0 and args.reference == "policy":
         raise ValueError("--kl-coef needs a frozen reference model: use --reference sft")
+    if args.prm_model and args.process_reward_coef == 0:
+        raise ValueError("--prm-model given, but --no-prm (or --process-coef 0) uses no PRM")
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs the --run-dir of the run to continue")
     rank, world, device = init_distributed()

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # name -> the prime.py flags that differ from the default; the question it answers
     "prime": [],  # PRIME as the official code runs it
     "outcome-only": ["--no-prm"],  # do dense implicit rewards beat outcome-only RLOO?
-    "offline-prm": ["--prm-update", "none"],  # does updating the PRM online matter?
+    "offline-prm": ["--prm-update", "none", "--prm-model", "{offline_prm}"],  # does updating the PRM online matter?
     "whole": ["--granularity", "whole"],  # does token-level credit beat one reward per response?
     "step": ["--granularity", "step", "--step-separator", ","],  # ... or one per reasoning step (a digit column here)?
     "grpo": ["--estimator", "grpo"],  # group z-scores instead of RLOO (paper Eq. 7)
@@ -34,6 +34,19 @@ CONFIGS = {  # name -> the prime.py flags that differ from the default; the ques
 DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
 
 
+def offline_prm(seed, args, extra):
+    """The offline PRM of a seed: trained for --offline-prm-steps PRIME steps with the policy frozen
+    (--lr 0), i.e. on the initial policy's samples only, then frozen for the offline-prm run. (An
+    offline PRM that equals its reference, the SFT model, would give q = 0: outcome-only RLOO.)"""
+    run_dir = os.path.join(args.out, f"offline-prm-training-seed{seed}")
+    prm = os.path.join(run_dir, f"checkpoint-{args.offline_prm_steps:06d}", "prm")
+    if not os.path.isdir(prm):
+        subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
+                        "--steps", str(args.offline_prm_steps), "--save-every", str(args.offline_prm_steps), "--lr", "0",
+                        *extra], check=True, cwd=ROOT)
+    return prm
+
+
 def run_once(name, seed, args, extra):
     """Run one configuration and seed (unless its run directory is complete); its metrics rows and
     whether it ran."""
@@ -41,8 +54,9 @@ def run_once(name, seed, args, extra):
     path = os.path.join(run_dir, "metrics.jsonl")
     done = os.path.exists(path) and any(json.loads(line)["step"] == args.steps for line in open(path))
     if not done:
+        flags = [offline_prm(seed, args, extra) if f == "{offline_prm}" else f for f in CONFIGS[name]]
         subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
-                        "--steps", str(args.steps), *CONFIGS[name], *extra], check=True, cwd=ROOT)
+                        "--steps", str(args.steps), *flags, *extra], check=True, cwd=ROOT)
     return [json.loads(line) for line in open(path)], not done
 
 
@@ -106,6 +120,8 @@ def main():
     parser.add_argument("--steps", type=int, default=150, help="PRIME steps per run")
     parser.add_argument("--budget-minutes", type=float, default=float("inf"),
                         help="start no run that would, at the pace so far, end past this")
+    parser.add_argument("--offline-prm-steps", type=int, default=20,
+                        help="steps the offline PRM trains on the initial policy's samples before it is frozen")
     parser.add_argument("--target", type=float, default=0.7, help="eval accuracy for the samples-to-target column")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     names = args.configs.split(",")

@@ -1,5 +1,6 @@
 """bench/ablation.py: its bookkeeping by hand, and one tiny sweep end to end."""
 import csv
+import json
 import importlib.util
 import os
 import subprocess
@@ -54,3 +55,19 @@ def test_tiny_sweep_end_to_end(tiny_model_dir, tmp_path):
     assert {(r["config"], r["step"]) for r in rows} == {(c, s) for c in ("prime", "outcome-only") for s in "012"}
     assert os.path.getsize(out / "curves.png") > 1000
     assert "| prime | 1 |" in result.stdout and "| outcome-only | 1 |" in result.stdout
+
+
+def test_offline_prm_config_trains_a_prm_first_then_freezes_it(tiny_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "ablation.py"), "--out", str(out), "--configs", "offline-prm",
+           "--seeds", "0", "--steps", "1", "--offline-prm-steps", "2", "--", "--model", tiny_model_dir, "--eval-size", "4",
+           "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-response-len", "4", "--filter-low", "0",
+           "--filter-high", "1", "--mini-batch-size", "4", "--micro-batch-size", "4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    training = json.load(open(out / "offline-prm-training-seed0" / "args.json"))
+    assert training["lr"] == 0 and training["steps"] == 2  # the policy stays the initial one
+    run = json.load(open(out / "offline-prm-seed0" / "args.json"))
+    assert run["prm_update"] == "none"
+    assert run["prm_model"] == str(out / "offline-prm-training-seed0" / "checkpoint-000002" / "prm")

@@ -131,6 +131,30 @@ def test_prm_update_none_keeps_prm_frozen(tiny_model_dir, tmp_path):
     torch.testing.assert_close(weights(out["policy"]), weights(outcome_only["policy"]), atol=1e-4, rtol=0)  # lr 1e-3 steps
 
 
+def test_offline_prm_loads_prm_model_and_keeps_it_frozen(tiny_model_dir, default_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+    trained_elsewhere = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in trained_elsewhere.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    trained_elsewhere.save_pretrained(tmp_path / "prm")
+    out = run(tiny_model_dir, tmp_path, "offline", prm_update="none", prm_model=str(tmp_path / "prm"))
+    assert torch.equal(weights(out["prm"]), weights(trained_elsewhere))  # loaded, never updated
+    assert torch.equal(weights(out["ref"]), weights(default_run["ref"]))  # the reference is still --model
+    assert all(m["prm/return_abs"] > 0.01 for m in out["metrics"][1:])  # so q != 0: real process rewards
+
+
+def test_prm_model_errors(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match="--no-prm"):
+        run(tiny_model_dir, tmp_path, "a", no_prm=True, prm_model=tiny_model_dir)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="share the policy's tokenizer"):
+        run(tiny_model_dir, tmp_path, "b", prm_model=str(tmp_path / "other"))
+
+
 def test_outcome_only_builds_no_prm_and_coef_zero_is_the_same(tiny_model_dir, tmp_path):
     a = run(tiny_model_dir, tmp_path, "a", no_prm=True)
     b = run(tiny_model_dir, tmp_path, "b", process_reward_coef=0.0)
