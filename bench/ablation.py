@@ -72,18 +72,23 @@ def curve_rows(name, seed, metrics):
 
 
 def summarize(rows, target):
-    """Per configuration: seeds, final eval accuracy (mean, min, max) and the mean samples seen at
-    the first eval reaching `target` (None unless every seed reached it)."""
+    """Per configuration: seeds, final eval accuracy (mean, min, max), the mean samples seen at
+    the first eval reaching `target` (None unless every seed reached it), and the PRM's pairwise
+    accuracy over each run's last 10 steps, averaged over seeds (None without a PRM)."""
     table = {}
     for name in dict.fromkeys(r["config"] for r in rows):
-        runs = {}
+        runs, prm = {}, {}
         for r in rows:
             if r["config"] == name and r["eval_accuracy"] != "":
                 runs.setdefault(r["seed"], []).append(r)
+            if r["config"] == name and r["prm_accuracy"] not in ("", None) and r["prm_accuracy"] == r["prm_accuracy"]:
+                prm.setdefault(r["seed"], []).append(r["prm_accuracy"])  # (NaN: a step without pairs)
         finals = [evals[-1]["eval_accuracy"] for evals in runs.values()]
         reach = [next((e["samples_seen"] for e in evals if e["eval_accuracy"] >= target), None) for evals in runs.values()]
+        prm_last = [sum(accs[-10:]) / len(accs[-10:]) for accs in prm.values()]
         table[name] = {"seeds": len(runs), "final": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
-                       "samples_to_target": None if None in reach else sum(reach) / len(reach)}
+                       "samples_to_target": None if None in reach else sum(reach) / len(reach),
+                       "prm_accuracy": sum(prm_last) / len(prm_last) if prm_last else None}
     return table
 
 
@@ -149,12 +154,14 @@ def main():
     plot(rows, os.path.join(args.out, "curves.png"))
     table = summarize(rows, args.target)
     base = table.get("outcome-only", {}).get("samples_to_target")
-    print(f"\n| configuration | seeds | final eval accuracy (min-max) | responses to reach {args.target:.0%} | vs outcome-only |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n| configuration | seeds | final eval accuracy (min-max) | responses to reach {args.target:.0%} "
+          f"| vs outcome-only | PRM pairwise accuracy, last 10 steps |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, t in table.items():
         reach = f"{t['samples_to_target']:,.0f}" if t["samples_to_target"] else "not every seed"
         ratio = f"{base / t['samples_to_target']:.2f}x" if base and t["samples_to_target"] else "-"
-        print(f"| {name} | {t['seeds']} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) | {reach} | {ratio} |")
+        prm = f"{t['prm_accuracy']:.2f}" if t["prm_accuracy"] is not None else "-"
+        print(f"| {name} | {t['seeds']} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) | {reach} | {ratio} | {prm} |")
     print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} ({(time.time() - t0) / 60:.1f} min)")
 
 

@@ -14,24 +14,26 @@ ablation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablation)
 
 
-def metrics(evals, sampled=8):
+def metrics(evals, sampled=8, prm=None):
     """Logged lines: step 0 (eval only), then steps that sampled `sampled` responses each."""
     out = [{"step": 0, "eval/accuracy": evals[0]}]
     for step, acc in enumerate(evals[1:], 1):
         out.append({"step": step, "rollout/accuracy": 0.5, "verifier/ok": sampled // 2, "verifier/wrong": sampled // 2,
-                    "eval/accuracy": acc})
+                    "eval/accuracy": acc, **({"prm/accuracy": prm[step - 1]} if prm else {})})
     return out
 
 
 def test_samples_seen_and_samples_to_target_by_hand():
-    rows = ablation.curve_rows("a", 0, metrics([0.2, 0.5, 0.8, 0.9]))
+    rows = ablation.curve_rows("a", 0, metrics([0.2, 0.5, 0.8, 0.9], prm=[0.5, 0.6, 0.7]))
     assert [r["samples_seen"] for r in rows] == [0, 8, 16, 24]
-    rows += ablation.curve_rows("a", 1, metrics([0.2, 0.7, 0.7, 0.6]))
+    rows += ablation.curve_rows("a", 1, metrics([0.2, 0.7, 0.7, 0.6], prm=[float("nan"), 0.8, 0.8]))
     rows += ablation.curve_rows("b", 0, metrics([0.2, 0.3, 0.4, 0.5]))
     table = ablation.summarize(rows, target=0.7)
     # seed 0 reaches 0.7 after 16 responses, seed 1 after 8: mean 12
-    assert table["a"] == {"seeds": 2, "final": pytest.approx(0.75), "min": 0.6, "max": 0.9, "samples_to_target": 12}
-    assert table["b"]["samples_to_target"] is None and table["b"]["final"] == 0.5
+    # PRM accuracy: seed 0 mean 0.6, seed 1 0.8 (its NaN step had no pairs): mean 0.7
+    assert table["a"] == {"seeds": 2, "final": pytest.approx(0.75), "min": 0.6, "max": 0.9, "samples_to_target": 12,
+                          "prm_accuracy": pytest.approx(0.7)}
+    assert table["b"]["samples_to_target"] is None and table["b"]["final"] == 0.5 and table["b"]["prm_accuracy"] is None
 
 
 def test_tiny_sweep_end_to_end(tiny_model_dir, tmp_path):
