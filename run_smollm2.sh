@@ -7,8 +7,8 @@
 #   bash run_smollm2.sh                                       # converts and generates once, then trains
 #   bash run_smollm2.sh --steps 3 --run-dir /tmp/smollm2-run  # extra flags are passed to prime.py
 #
-# Sizes are for a 2-core CPU (measured on one, fp32): a step took 103-115 s on one thread while
-# another job held the other core; two threads on the idle machine did twice this batch in 135 s.
+# Sizes are for a 2-core CPU (measured on one, fp32): a step took 64-78 s on the idle machine
+# (two threads), 103-115 s on one thread while another job held the other core.
 # Peak memory ~9 GB (policy, PRM, reference, rollout copy, two AdamW states). On a shared machine
 # set OMP_NUM_THREADS=1: two threads competing for a busy core stalled generation 30-fold.
 set -euo pipefail
