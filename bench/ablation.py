@@ -81,7 +81,7 @@ def summarize(rows, target):
         for r in rows:
             if r["config"] == name and r["eval_accuracy"] != "":
                 runs.setdefault(r["seed"], []).append(r)
-            if r["config"] == name and r["prm_accuracy"] not in ("", None) and r["prm_accuracy"] == r["prm_accuracy"]:
+            if r["config"] == name and r["prm_accuracy"] != "" and r["prm_accuracy"] == r["prm_accuracy"]:
                 prm.setdefault(r["seed"], []).append(r["prm_accuracy"])  # (NaN: a step without pairs)
         finals = [evals[-1]["eval_accuracy"] for evals in runs.values()]
         reach = [next((e["samples_seen"] for e in evals if e["eval_accuracy"] >= target), None) for evals in runs.values()]

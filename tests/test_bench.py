@@ -36,13 +36,17 @@ def test_samples_seen_and_samples_to_target_by_hand():
     assert table["b"]["samples_to_target"] is None and table["b"]["final"] == 0.5 and table["b"]["prm_accuracy"] is None
 
 
+# prime.py flags for runs of a few seconds
+TINY_RUN = ["--eval-size", "4", "--eval-every", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+            "--max-response-len", "4", "--filter-low", "0", "--filter-high", "1", "--mini-batch-size", "4",
+            "--micro-batch-size", "4"]
+
+
 def test_tiny_sweep_end_to_end(tiny_model_dir, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "ablation"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "ablation.py"), "--out", str(out), "--configs", "prime,outcome-only",
-           "--seeds", "0", "--steps", "2", "--budget-minutes", "0", "--", "--model", tiny_model_dir, "--eval-size", "4", "--eval-every", "1",
-           "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-response-len", "4", "--filter-low", "0",
-           "--filter-high", "1", "--mini-batch-size", "4", "--micro-batch-size", "4"]
+           "--seeds", "0", "--steps", "2", "--budget-minutes", "0", "--", "--model", tiny_model_dir, *TINY_RUN]
     # a zero budget still makes one new run, then stops: only prime
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -63,9 +67,7 @@ def test_offline_prm_config_trains_a_prm_first_then_freezes_it(tiny_model_dir, t
     pytest.importorskip("matplotlib")
     out = tmp_path / "ablation"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "ablation.py"), "--out", str(out), "--configs", "offline-prm",
-           "--seeds", "0", "--steps", "1", "--offline-prm-steps", "2", "--", "--model", tiny_model_dir, "--eval-size", "4",
-           "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-response-len", "4", "--filter-low", "0",
-           "--filter-high", "1", "--mini-batch-size", "4", "--micro-batch-size", "4"]
+           "--seeds", "0", "--steps", "1", "--offline-prm-steps", "2", "--", "--model", tiny_model_dir, *TINY_RUN]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     training = json.load(open(out / "offline-prm-training-seed0" / "args.json"))
