@@ -6,7 +6,8 @@ This is the task-specific half of the reward; forks replace this file.
   the common exact and integer cases.
 - Code: the fraction of the row's tests that the last ```python block passes, each test run in its
   own process under bubblewrap with resource limits (see `code_reward`).
-- `score_batch` scores a whole batch in worker processes with a hard per-item deadline.
+- `score_batch` scores a whole batch in worker processes with a hard per-item deadline that counts
+  only the item's own work: a worker gets items once it has started and warmed up.
 
 math-verify times out with `signal.alarm`, which works only in a process's main thread: call
 `math_reward` from the main thread or from worker processes (as `score_batch` does), never
@@ -341,6 +342,8 @@ def code_reward(response: str, tests, timeout_s: float = TEST_TIMEOUT_S) -> floa
 # talking one JSON line per item each way: they never import the trainer's main script (torch,
 # transformers: seconds per start) and share no lock, so a stuck item (sympy in C code, which no
 # alarm interrupts) is handled by killing its worker and starting a fresh one.
+# A worker's start (imports, ~1.5 s here, far more on a busy machine) is not an item's time: it
+# says "ready" once warm, and only then gets an item and that item's deadline.
 
 ITEM_TIMEOUT_S = 60.0
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -362,11 +365,15 @@ def score_one(response: str, ground_truth, ability: str) -> tuple[float, str]:
 
 
 def _serve():
-    """Worker loop: read one JSON item per line on stdin, write its (reward, reason) on stdout."""
+    """Worker loop: warm up and say "ready", then read one JSON item per line on stdin and write
+    its (reward, reason) on stdout."""
     global _BWRAP_STATUS
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # a stray print in a checker goes to stderr, not into the replies
+    math_reward_with_reason(r"\boxed{\frac{1}{2}}", "0.5")  # math-verify's first call costs ~180 ms
+    replies.write('"ready"\n')
+    replies.flush()
     for line in sys.stdin:  # ends when the trainer closes the pipe or dies
         response, ground_truth, ability, sandbox_status = json.loads(line)
         if sandbox_status is not None:
@@ -376,7 +383,8 @@ def _serve():
 
 
 class _Worker:
-    """A scoring subprocess with its own temp dir (removed with it, with what a killed test left)."""
+    """A scoring subprocess with its own temp dir (removed with it, with what a killed test left).
+    It takes items once it has said "ready"."""
 
     def __init__(self):
         self.tmp_dir = tempfile.mkdtemp(prefix="prime_verifier_")
@@ -384,6 +392,7 @@ class _Worker:
             p for p in (_HERE, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen([sys.executable, "-c", "import verifier; verifier._serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.ready = False
         self.item = None  # index of the item in flight
         self.deadline = math.inf
 
@@ -395,11 +404,12 @@ class _Worker:
             pass
         self.item, self.deadline = i, time.monotonic() + timeout
 
-    def receive(self) -> tuple[float, str] | None:
-        """The reply to the item in flight; None if the worker died."""
+    def receive(self):
+        """The worker's next line: "ready" once started, then the reply to the item in flight;
+        None if the worker died."""
         line = self.proc.stdout.readline()
         self.item, self.deadline = None, math.inf
-        return tuple(json.loads(line)) if line else None
+        return json.loads(line) if line else None
 
     def close(self):
         self.proc.kill()
@@ -419,10 +429,10 @@ def _close_pool():
 def score_batch(responses, ground_truths, abilities, workers: int = 2,
                 timeout: float = ITEM_TIMEOUT_S) -> tuple[list[float], dict[str, int]]:
     """Rewards for a batch, scored in `workers` processes, and how many items had each reason
-    ("ok", "wrong", "partial", "no_answer", "timeout", "error", ...). An item still running after
-    `timeout` seconds scores 0 ("timeout"): its worker is killed and replaced. Never raises for
-    a bad item. For code, `timeout` bounds all of an item's tests together (each test has its own
-    `TEST_TIMEOUT_S`): keep it above their sum."""
+    ("ok", "wrong", "partial", "no_answer", "timeout", "error", ...). An item still running
+    `timeout` seconds after a ready worker got it scores 0 ("timeout"): its worker is killed and
+    replaced. Never raises for a bad item. For code, `timeout` bounds all of an item's tests
+    together (each test has its own `TEST_TIMEOUT_S`): keep it above their sum."""
     items = list(zip(responses, ground_truths, abilities, strict=True))
     sandbox_status = _sandbox_status() if any(ability == "code" for _, _, ability in items) else None
     rewards, reasons = [0.0] * len(items), ["timeout"] * len(items)
@@ -433,10 +443,11 @@ def score_batch(responses, ground_truths, abilities, workers: int = 2,
     for worker in pool:
         if worker.proc.poll() is not None:  # died since the last batch (e.g. the OOM killer)
             _replace(worker, pool)
+    died_starting = 0
     try:
         while True:
             for worker in pool:
-                while todo and worker.item is None:
+                while todo and worker.ready and worker.item is None:
                     i = todo.popleft()
                     try:
                         line = json.dumps([*items[i], sandbox_status])
@@ -445,14 +456,25 @@ def score_batch(responses, ground_truths, abilities, workers: int = 2,
                         continue
                     worker.send(i, line, timeout)
             busy = [w for w in pool if w.item is not None]
-            if not busy:
+            if not busy and not todo:
                 break
-            next_deadline = min(w.deadline for w in busy)
-            ready = wait([w.proc.stdout for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
-            for worker in busy:
-                if worker.proc.stdout in ready:
+            # Starting workers are waited for without a deadline: no item's clock runs for them.
+            starting = [w for w in pool if not w.ready]
+            left = min((w.deadline for w in busy), default=math.inf) - time.monotonic()
+            readable = wait([w.proc.stdout for w in busy + starting],
+                            timeout=None if left == math.inf else max(0.0, left))
+            for worker in busy + starting:
+                if worker.proc.stdout in readable:
                     i, reply = worker.item, worker.receive()
-                    if reply is None:  # the worker died (segfault, OOM kill)
+                    if not worker.ready and reply is not None:
+                        worker.ready = True
+                    elif not worker.ready:  # it died while starting: once per worker may be bad luck
+                        died_starting += 1
+                        if died_starting > len(pool):
+                            raise RuntimeError("verifier.py: scoring workers keep exiting while they start "
+                                               "(`python -c 'import verifier'`); their error is printed above")
+                        _replace(worker, pool)
+                    elif reply is None:  # the worker died (segfault, OOM kill)
                         reasons[i] = "error"
                         _replace(worker, pool)
                     else:
