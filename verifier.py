@@ -5,7 +5,9 @@ This is the task-specific half of the reward; forks replace this file.
   math-verify (fractions vs decimals, `x = 5` vs `5`, intervals, sets, ...), after a fast path for
   the common exact and integer cases.
 - Code: the fraction of the row's tests that the last ```python block passes, each test run in its
-  own process under bubblewrap with resource limits (see `code_reward`).
+  own process under bubblewrap with resource limits (see `code_reward`). Where the sandbox cannot
+  start (`sandbox_status()`), code rewards refuse to run (`SandboxUnavailable`) unless the caller
+  passes `allow_unsandboxed=True` (the trainer's `--allow-unsandboxed-code`): then limits only.
 - `score_batch` scores a whole batch in worker processes with a hard per-item deadline that counts
   only the item's own work: a worker gets items once it has started and warmed up.
 
@@ -149,7 +151,63 @@ print(json.dumps(result))
 _BWRAP = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--perms", "1777",
           "--tmpfs", "/tmp", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
           "--die-with-parent", "--new-session"]
-_BWRAP_STATUS = None  # None until probed: "ok", or why the sandbox is unavailable
+_SANDBOX_STATUS = None  # None until probed: "ok", or why the sandbox is unavailable
+_WARNED_UNSANDBOXED = False
+
+
+class SandboxUnavailable(RuntimeError):
+    """Generated code would run without the sandbox, and the caller did not allow that."""
+
+
+def sandbox_status() -> str:
+    """"ok" if generated code runs sandboxed here, else why not. Probed once per process by running
+    Python in the sandbox just as a test runs, so what a bare `bwrap` check misses (an interpreter
+    the sandbox hides, namespaces the kernel refuses) is caught too."""
+    global _SANDBOX_STATUS
+    if _SANDBOX_STATUS is None:
+        if shutil.which("bwrap") is None:
+            _SANDBOX_STATUS = "bubblewrap (bwrap) is not installed"
+        elif os.getuid() == 0 and shutil.which("setpriv") is None:
+            _SANDBOX_STATUS = "setpriv (util-linux) is not installed: under root, tests run as nobody through it"
+        else:
+            # It must be our Python: where `nobody` cannot read it (a venv in a 0700 folder) the
+            # loader can fall back to another libpython, and tests would run on another version.
+            # 60 s: a sandboxed Python starts in ~0.1 s; only a broken sandbox, never a busy
+            # machine, should fail this, as a failure stops every run with code rows.
+            ours = " ".join(f"{sys.version} {sys.prefix}".split())  # as `out` below: one line
+            ok, out, err = _run_test("import sys; print(sys.version, sys.prefix)", None, "", 60.0, sandboxed=True)
+            out, err = (" ".join(b.decode(errors="replace").split()) for b in (out, err))  # one line each
+            if not ok:
+                _SANDBOX_STATUS = f"bwrap is installed but could not run Python in a sandbox ({err[-300:] or 'no error'})"
+            elif out != ours:
+                _SANDBOX_STATUS = (f"the sandbox runs another Python ({out}) than ours ({ours}): "
+                                   "under root, tests run as nobody, who must be able to read ours")
+            else:
+                _SANDBOX_STATUS = "ok"
+    return _SANDBOX_STATUS
+
+
+_sandbox_status = sandbox_status  # the name tests/test_data.py still calls; drop once it calls sandbox_status
+
+
+def require_sandbox(allow_unsandboxed: bool) -> None:
+    """Return if generated code can run sandboxed, or if the caller allows it to run with resource
+    limits only (then warn, once per process); else raise SandboxUnavailable. The trainer calls it
+    at start-up when its data has code rows, so a run fails at once, not at its first code batch."""
+    global _WARNED_UNSANDBOXED
+    status = sandbox_status()
+    if status == "ok":
+        return
+    if not allow_unsandboxed:
+        raise SandboxUnavailable(
+            f"verifier.py: generated code cannot run sandboxed here: {status}. Fix that (bubblewrap: "
+            "apt-get install -y bubblewrap; it needs unprivileged user namespaces), or pass "
+            "--allow-unsandboxed-code (allow_unsandboxed=True) to run it with resource limits only")
+    if not _WARNED_UNSANDBOXED:
+        _WARNED_UNSANDBOXED = True
+        print(f"WARNING: verifier.py: {status}; generated code runs WITHOUT isolation, as allowed "
+              "(resource limits only: it can read and write your files and use the network)",
+              file=sys.stderr, flush=True)
 
 
 def extract_code(text: str) -> str | None:
@@ -175,58 +233,55 @@ def _limit_resources(timeout_s, limit_procs: bool):
     return apply
 
 
-def _as_nobody():
-    """Whether tests run as `nobody`: under root, when the sandbox works (see _sandbox_command)."""
-    return os.getuid() == 0 and _sandbox_status() == "ok"
+def _python_dirs(hidden):
+    """The folders of our Python and its packages (what a test's `python -I` reads) that lie under
+    one of `hidden`, without those inside another: the sandbox binds them back, read-only."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable)),  # a venv's python links to its base
+            *(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))}
+    under = sorted(d for d in dirs if os.path.isdir(d) and any(d.startswith(h + "/") for h in hidden))
+    return [d for i, d in enumerate(under) if not any(d.startswith(outer + "/") for outer in under[:i])]
 
 
 def _sandbox_command(argv, workdir):
     """`argv` wrapped in bubblewrap: read-only host, private /tmp, only `workdir` writable, no
     network, own pid namespace (the test cannot see or signal our processes, and all its
-    processes die with it). Unchanged if bwrap is unusable (`_sandbox_status` has warned)."""
-    if _sandbox_status() != "ok":
-        return argv
-    if os.getuid() != 0:
-        return _BWRAP + ["--bind", workdir, "/tmp/work", "--chdir", "/tmp/work", *argv]
+    processes die with it)."""
     # Under root: root ignores RLIMIT_NPROC (a fork bomb would take every pid on the machine)
-    # and can read /root, so the test runs as `nobody`. /root is hidden, except the folders that
-    # hold our Python (pyenv, a venv), which `nobody` could not reach through /root otherwise.
-    keep = sorted({os.path.join("/root", p.split("/")[2]) for p in (sys.prefix, sys.base_prefix, *sys.path)
-                   if p.startswith("/root/") and os.path.exists(p)})
-    return (_BWRAP + ["--perms", "0755", "--tmpfs", "/root"] + [a for d in keep for a in ("--ro-bind", d, d)]
-            + ["--bind", workdir, "/tmp/work", "--chdir", "/tmp/work", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-               "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *argv])
+    # and can read /root, so /root is hidden too and the test runs as `nobody`.
+    root = os.getuid() == 0
+    hidden = ["/tmp", "/root"] if root else ["/tmp"]
+    command = _BWRAP + (["--perms", "0755", "--tmpfs", "/root"] if root else [])
+    # Those tmpfs mounts would hide our Python where it lives under them (a venv under /tmp, pyenv
+    # under /root): bind its folders back, and only those, not the rest of a folder above. Their
+    # parents are made 0755 (bwrap would make them 0700), so `nobody` reaches them even where a
+    # parent is private on the host (/root, a mkdtemp).
+    for d in _python_dirs(hidden):
+        parts = d.split("/")  # ["", "tmp", ..., name]: the parents below /tmp or /root
+        command += [a for i in range(3, len(parts)) for a in ("--perms", "0755", "--dir", "/".join(parts[:i]))]
+        command += ["--ro-bind", d, d]
+    command += ["--bind", workdir, "/tmp/work", "--chdir", "/tmp/work"]
+    if root:
+        command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    return command + list(argv)
 
 
-def _sandbox_status():
-    """Probe bwrap once per process; warn once if code will run without isolation."""
-    global _BWRAP_STATUS
-    if _BWRAP_STATUS is None:
-        _BWRAP_STATUS = "ok"  # provisionally, so that the probe below runs inside the sandbox
-        if shutil.which("bwrap") is None or (os.getuid() == 0 and shutil.which("setpriv") is None):
-            _BWRAP_STATUS = "bwrap (or, under root, setpriv) is not installed: apt-get install -y bubblewrap"
-        elif _run_test("print('ok')", None, "", 10.0) != b"ok\n":
-            _BWRAP_STATUS = "bwrap is installed but could not start a sandbox (user namespaces disabled?)"
-        if _BWRAP_STATUS != "ok":
-            print(f"WARNING: verifier.py: {_BWRAP_STATUS}; generated code runs WITHOUT isolation "
-                  "(resource limits only: it can read and write your files and use the network)",
-                  file=sys.stderr, flush=True)
-    return _BWRAP_STATUS
+def _run_sandboxed(argv, workdir, stdin: bytes, timeout_s, sandboxed: bool) -> tuple[bool, bytes, bytes]:
+    """Run one test program; (exited with status 0 in time, its stdout up to MAX_OUTPUT_BYTES, the
+    start of its stderr). Without `sandboxed`, only the resource limits and the kill apply.
 
-
-def _run_sandboxed(argv, workdir, stdin: bytes, timeout_s) -> tuple[bool, bytes]:
-    """Run one test program; (exited with status 0 in time, its stdout up to MAX_OUTPUT_BYTES).
-
-    stdin and stdout are temp files outside the sandbox, not pipes: nothing can deadlock, and the
-    output size is capped by RLIMIT_FSIZE rather than by how fast we read."""
+    stdin, stdout and stderr are temp files outside the sandbox, not pipes: nothing can deadlock,
+    and the output size is capped by RLIMIT_FSIZE rather than by how fast we read."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}  # and none of our secrets
-    with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout:
+    as_nobody = sandboxed and os.getuid() == 0
+    with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         fin.write(stdin)
         fin.seek(0)
-        proc = subprocess.Popen(_sandbox_command(argv, workdir), stdin=fin, stdout=fout,
-                                stderr=subprocess.DEVNULL, cwd=workdir, env=env,
-                                start_new_session=True, preexec_fn=_limit_resources(timeout_s, _as_nobody()))
+        proc = subprocess.Popen(_sandbox_command(argv, workdir) if sandboxed else argv, stdin=fin,
+                                stdout=fout, stderr=ferr, cwd=workdir, env=env, start_new_session=True,
+                                preexec_fn=_limit_resources(timeout_s, as_nobody))
         try:
             returncode = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -238,14 +293,15 @@ def _run_sandboxed(argv, workdir, stdin: bytes, timeout_s) -> tuple[bool, bytes]
                 pass
             proc.wait()
         fout.seek(0)
-        return returncode == 0, fout.read(MAX_OUTPUT_BYTES)
+        ferr.seek(0)
+        return returncode == 0, fout.read(MAX_OUTPUT_BYTES), ferr.read(4096)
 
 
-def _run_test(code, fn_name, test_input, timeout_s) -> bytes | None:
-    """Stdout of `code` on one test (None if it crashed or timed out), in a fresh temp dir."""
+def _run_test(code, fn_name, test_input, timeout_s, sandboxed: bool) -> tuple[bool, bytes, bytes]:
+    """`_run_sandboxed` of `code` on one test, in a fresh temp dir."""
     workdir = tempfile.mkdtemp(prefix="prime_test_")
     try:
-        if _as_nobody():
+        if sandboxed and os.getuid() == 0:
             os.chown(workdir, NOBODY, NOBODY)  # the test runs as nobody, see _sandbox_command
         with open(os.path.join(workdir, "solution.py"), "w") as f:
             f.write(code if fn_name is None else _CALL_HEADER + code)
@@ -253,8 +309,7 @@ def _run_test(code, fn_name, test_input, timeout_s) -> bytes | None:
             argv, stdin = [sys.executable, "-I", "solution.py"], _as_text(test_input)
         else:  # call-based: the input is the list of arguments
             argv, stdin = [sys.executable, "-I", "-c", _CALL_DRIVER, fn_name], json.dumps(test_input)
-        ok, out = _run_sandboxed(argv, workdir, stdin.encode(), timeout_s)
-        return out if ok else None
+        return _run_sandboxed(argv, workdir, stdin.encode(), timeout_s, sandboxed)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -297,9 +352,13 @@ def _same_return(got, expected) -> bool:
     return False
 
 
-def code_reward_with_reason(response: str, tests, timeout_s: float = TEST_TIMEOUT_S) -> tuple[float, str]:
+def code_reward_with_reason(response: str, tests, timeout_s: float = TEST_TIMEOUT_S,
+                            allow_unsandboxed: bool = False) -> tuple[float, str]:
     """(fraction of tests passed, reason), reason one of "ok" (all), "partial", "wrong" (none),
-    "no_answer" (no ```python block). Raises ValueError for malformed `tests` (a data error)."""
+    "no_answer" (no ```python block). Raises ValueError for malformed `tests` (a data error), and
+    SandboxUnavailable where the sandbox cannot start, unless `allow_unsandboxed`."""
+    require_sandbox(allow_unsandboxed)
+    sandboxed = sandbox_status() == "ok"
     if isinstance(tests, str):
         tests = json.loads(tests)
     inputs, outputs = (tests.get("inputs"), tests.get("outputs")) if isinstance(tests, dict) else (None, None)
@@ -311,8 +370,8 @@ def code_reward_with_reason(response: str, tests, timeout_s: float = TEST_TIMEOU
     fn_name = tests.get("fn_name")
     passed = 0
     for test_input, expected in zip(inputs, outputs):
-        out = _run_test(code, fn_name, test_input, timeout_s)
-        if out is None:
+        ok, out, _ = _run_test(code, fn_name, test_input, timeout_s, sandboxed)
+        if not ok:
             continue
         text = out.decode(errors="replace")
         if fn_name is None:
@@ -326,12 +385,14 @@ def code_reward_with_reason(response: str, tests, timeout_s: float = TEST_TIMEOU
     return reward, "ok" if reward == 1 else "partial" if reward > 0 else "wrong"
 
 
-def code_reward(response: str, tests, timeout_s: float = TEST_TIMEOUT_S) -> float:
+def code_reward(response: str, tests, timeout_s: float = TEST_TIMEOUT_S, allow_unsandboxed: bool = False) -> float:
     """Fraction of the Eurus-2 / APPS `tests` ({"inputs", "outputs"[, "fn_name"]}, a dict or JSON
     string) that the last ```python block in `response` passes; each test runs in a fresh process
     under bubblewrap (read-only host, no network, own pid namespace, only a temp dir writable) with
-    CPU, memory, file-size and process limits and a wall-clock timeout of `timeout_s`."""
-    return code_reward_with_reason(response, tests, timeout_s)[0]
+    CPU, memory, file-size and process limits and a wall-clock timeout of `timeout_s`. Where the
+    sandbox cannot start it raises SandboxUnavailable, or with `allow_unsandboxed` runs the tests
+    with the limits only."""
+    return code_reward_with_reason(response, tests, timeout_s, allow_unsandboxed)[0]
 
 
 # ==============================================================================================
@@ -349,15 +410,18 @@ ITEM_TIMEOUT_S = 60.0
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def score_one(response: str, ground_truth, ability: str) -> tuple[float, str]:
+def score_one(response: str, ground_truth, ability: str, allow_unsandboxed: bool = False) -> tuple[float, str]:
     """(reward, reason) for one item; "math" -> math_reward, "code" -> code_reward (the ground
-    truth is the tests JSON). Never raises: an exception scores 0 with reason "error"."""
+    truth is the tests JSON). Never raises for a bad item: an exception scores 0 with reason
+    "error". SandboxUnavailable is raised: it is the caller's setup, not the item."""
     try:
         if ability == "math":
             return math_reward_with_reason(response, ground_truth)
         if ability == "code":
-            return code_reward_with_reason(response, ground_truth)
+            return code_reward_with_reason(response, ground_truth, allow_unsandboxed=allow_unsandboxed)
         return 0.0, "unknown_ability"
+    except SandboxUnavailable:
+        raise
     except Exception as e:
         print(f"verifier: {ability} item scored 0, the checker raised {type(e).__name__}: {e}"[:500],
               file=sys.stderr, flush=True)
@@ -367,18 +431,19 @@ def score_one(response: str, ground_truth, ability: str) -> tuple[float, str]:
 def _serve():
     """Worker loop: warm up and say "ready", then read one JSON item per line on stdin and write
     its (reward, reason) on stdout."""
-    global _BWRAP_STATUS
+    global _SANDBOX_STATUS, _WARNED_UNSANDBOXED
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # a stray print in a checker goes to stderr, not into the replies
+    _WARNED_UNSANDBOXED = True  # the trainer warns, once for all its workers
     math_reward_with_reason(r"\boxed{\frac{1}{2}}", "0.5")  # math-verify's first call costs ~180 ms
     replies.write('"ready"\n')
     replies.flush()
     for line in sys.stdin:  # ends when the trainer closes the pipe or dies
-        response, ground_truth, ability, sandbox_status = json.loads(line)
+        response, ground_truth, ability, sandbox_status, allow_unsandboxed = json.loads(line)
         if sandbox_status is not None:
-            _BWRAP_STATUS = sandbox_status  # probed (and warned about) once, in the trainer
-        replies.write(json.dumps(score_one(response, ground_truth, ability)) + "\n")
+            _SANDBOX_STATUS = sandbox_status  # probed once, in the trainer
+        replies.write(json.dumps(score_one(response, ground_truth, ability, allow_unsandboxed)) + "\n")
         replies.flush()
 
 
@@ -426,15 +491,21 @@ def _close_pool():
         _POOL.pop().close()
 
 
-def score_batch(responses, ground_truths, abilities, workers: int = 2,
-                timeout: float = ITEM_TIMEOUT_S) -> tuple[list[float], dict[str, int]]:
+def score_batch(responses, ground_truths, abilities, workers: int = 2, timeout: float = ITEM_TIMEOUT_S,
+                allow_unsandboxed: bool = False) -> tuple[list[float], dict[str, int]]:
     """Rewards for a batch, scored in `workers` processes, and how many items had each reason
     ("ok", "wrong", "partial", "no_answer", "timeout", "error", ...). An item still running
     `timeout` seconds after a ready worker got it scores 0 ("timeout"): its worker is killed and
     replaced. Never raises for a bad item. For code, `timeout` bounds all of an item's tests
-    together (each test has its own `TEST_TIMEOUT_S`): keep it above their sum."""
+    together (each test has its own `TEST_TIMEOUT_S`): keep it above their sum.
+
+    Raises SandboxUnavailable, before scoring anything, if the batch has code items and the
+    sandbox cannot start, unless `allow_unsandboxed` (then code runs with resource limits only)."""
     items = list(zip(responses, ground_truths, abilities, strict=True))
-    sandbox_status = _sandbox_status() if any(ability == "code" for _, _, ability in items) else None
+    status = None  # what the workers are told, so that they neither probe nor warn again
+    if any(ability == "code" for _, _, ability in items):
+        require_sandbox(allow_unsandboxed)
+        status = sandbox_status()
     rewards, reasons = [0.0] * len(items), ["timeout"] * len(items)
     todo = deque(range(len(items)))
     while len(_POOL) < min(max(workers, 1), len(items)):
@@ -450,7 +521,7 @@ def score_batch(responses, ground_truths, abilities, workers: int = 2,
                 while todo and worker.ready and worker.item is None:
                     i = todo.popleft()
                     try:
-                        line = json.dumps([*items[i], sandbox_status])
+                        line = json.dumps([*items[i], status, allow_unsandboxed])
                     except (TypeError, ValueError):  # not a string or a tests dict
                         reasons[i] = "error"
                         continue

@@ -218,7 +218,7 @@ def test_score_batch_bad_items_never_raise():
 
 
 # A program that loops while its per-test timeout (5 s) is longer than the batch deadline below: a
-# stuck item.
+# stuck item. It is benign, so it may run where there is no sandbox (allow_unsandboxed=True).
 LOOP, LOOP_TESTS = "```python\nwhile True: pass\n```", {"inputs": ["1"], "outputs": ["1"]}
 # Correct answers: the fast path, and two that go through math-verify (its first call is slow).
 RIGHT = [r"\boxed{3}", r"\boxed{\frac{6}{2}}", r"\boxed{3.0}"] * 2
@@ -227,7 +227,7 @@ RIGHT = [r"\boxed{3}", r"\boxed{\frac{6}{2}}", r"\boxed{3.0}"] * 2
 def test_score_batch_stuck_item_times_out_and_the_rest_finish():
     # The stuck items score 0 as "timeout"; their workers are replaced and the other items finish.
     rewards, info = score_batch([LOOP, LOOP] + RIGHT, [LOOP_TESTS] * 2 + ["3"] * 6, ["code"] * 2 + ["math"] * 6,
-                                workers=2, timeout=1.5)
+                                workers=2, timeout=1.5, allow_unsandboxed=True)
     assert rewards == [0.0, 0.0] + [1.0] * 6
     assert info == {"timeout": 2, "ok": 6}
 
@@ -240,7 +240,7 @@ def test_score_batch_on_a_busy_machine_with_cold_workers():
     try:
         verifier._close_pool()  # cold workers, started while the machine is busy
         rewards, info = score_batch([LOOP, LOOP] + RIGHT, [LOOP_TESTS] * 2 + ["3"] * 6, ["code"] * 2 + ["math"] * 6,
-                                    workers=2, timeout=1.5)
+                                    workers=2, timeout=1.5, allow_unsandboxed=True)
         assert rewards == [0.0, 0.0] + [1.0] * 6
         assert info == {"timeout": 2, "ok": 6}
     finally:
