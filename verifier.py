@@ -218,12 +218,14 @@ def extract_code(text: str) -> str | None:
 
 
 def _limit_resources(timeout_s, limit_procs: bool):
-    """preexec_fn: the limits every test runs under (set in the child before exec, inherited).
+    """preexec_fn: the limits every test runs under (set in the child before exec, inherited), in
+    its own process group, so that one kill reaches every child it forks (see _run_sandboxed).
 
     RLIMIT_NPROC counts all processes of a user, so it is set only where the test runs as
     `nobody` (see _sandbox_command); a normal user's limit would count their own trainer. Either
     way the pid namespace and the wall-clock kill end every process of a test."""
     def apply():
+        os.setpgid(0, 0)
         resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(timeout_s) + 1,) * 2)
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES,) * 2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_OUTPUT_BYTES,) * 2)
@@ -279,8 +281,10 @@ def _run_sandboxed(argv, workdir, stdin: bytes, timeout_s, sandboxed: bool) -> t
     with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         fin.write(stdin)
         fin.seek(0)
+        # Its own process group (see _limit_resources) but our session, not a new one: if this
+        # worker is killed first, _Worker.close finds what the test left by that session.
         proc = subprocess.Popen(_sandbox_command(argv, workdir) if sandboxed else argv, stdin=fin,
-                                stdout=fout, stderr=ferr, cwd=workdir, env=env, start_new_session=True,
+                                stdout=fout, stderr=ferr, cwd=workdir, env=env,
                                 preexec_fn=_limit_resources(timeout_s, as_nobody))
         try:
             returncode = proc.wait(timeout_s)
@@ -448,15 +452,16 @@ def _serve():
 
 
 class _Worker:
-    """A scoring subprocess with its own temp dir (removed with it, with what a killed test left).
-    It takes items once it has said "ready"."""
+    """A scoring subprocess in its own session, with its own temp dir (removed with it, with what a
+    killed test left). It takes items once it has said "ready"."""
 
     def __init__(self):
         self.tmp_dir = tempfile.mkdtemp(prefix="prime_verifier_")
         env = dict(os.environ, TMPDIR=self.tmp_dir, PYTHONPATH=os.pathsep.join(
             p for p in (_HERE, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen([sys.executable, "-c", "import verifier; verifier._serve()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                     start_new_session=True)
         self.ready = False
         self.item = None  # index of the item in flight
         self.deadline = math.inf
@@ -477,7 +482,25 @@ class _Worker:
         return json.loads(line) if line else None
 
     def close(self):
-        self.proc.kill()
+        """Kill the worker and whatever its tests left running. Sandboxed, a test dies with bwrap
+        (--die-with-parent, pid namespace); without bwrap, a test's program and its children would
+        outlive a worker killed at its deadline, so every process left in the worker's session is
+        killed too (found in /proc), sweeping again until a sweep finds nobody new: a child
+        forked during one sweep is caught by the next."""
+        self.proc.kill()  # reaped only after the sweep: till then its pid, the session's id, stays taken
+        signalled = set()
+        while True:
+            found = set()
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+                try:
+                    if pid not in signalled and os.getsid(pid) == self.proc.pid:
+                        os.kill(pid, signal.SIGKILL)
+                        found.add(pid)
+                except OSError:  # gone meanwhile
+                    pass
+            if not found:
+                break
+            signalled |= found
         self.proc.wait()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 

@@ -10,6 +10,7 @@ installed (or CI is set) but the sandbox does not start.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -271,3 +272,47 @@ def test_without_a_sandbox_score_batch_refuses_code_before_scoring_anything(no_s
                                 workers=2, allow_unsandboxed=True)
     assert (rewards, info) == ([1.0] * 4, {"ok": 4}) and ran.exists()
     assert capfd.readouterr().err.count("WITHOUT isolation") == 1  # the workers were told, not re-probed
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes (not zombies, whose cmdline is empty) with `marker` in their argv."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def poll(condition, bound_s: float) -> bool:
+    """Whether `condition()` came true within `bound_s` seconds (checked every 0.05 s)."""
+    end = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_without_a_sandbox_a_killed_worker_leaves_no_test_process_behind(no_sandbox, tmp_path):
+    # Allowed to run unsandboxed, a program (and its child) still running when its worker is
+    # killed at the batch deadline must die with the worker, not sleep on for 10 minutes.
+    marker = f"prime_leak_{os.getpid()}_{time.monotonic_ns()}"
+    sleeper = f"[sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}]"
+    code = (f"import os, subprocess, sys\nsubprocess.Popen({sleeper})\n"  # a child ...
+            f"os.execv(sys.executable, {sleeper})")  # ... and the program itself
+    worker = verifier._Worker()  # driven by hand, to kill it only once both are running
+    try:
+        worker.send(0, json.dumps([block(code), {"inputs": [""], "outputs": [""]}, "code",
+                                   verifier.sandbox_status(), True]), 600)
+        # Generous bounds: on time they pass at once; late, they fail rather than hang.
+        assert poll(lambda: len(processes_with(marker)) == 2, 300), processes_with(marker)
+        worker.close()
+        assert poll(lambda: processes_with(marker) == [], 60), processes_with(marker)  # 60 s, not 600
+    finally:
+        worker.close()
+        for pid in processes_with(marker):  # what a failure left behind
+            os.kill(pid, signal.SIGKILL)
