@@ -17,6 +17,7 @@ import time
 import torch
 
 import data
+import rollout
 
 VERSION = "v1"  # bump when anything below changes, so stale caches are not reused
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -67,28 +68,28 @@ def sft_batch(tokenizer, pairs):
 
 def warm_up(model, tokenizer, target: float, seed: int, max_steps=1000, batch_size=128, lr=1e-3, check_every=10):
     """Supervised steps on fresh problems until greedy validation accuracy >= target."""
-    from types import SimpleNamespace
-    import prime
+    from tqdm import tqdm
     valid = data.addition_rows(300, data.VALID_SEED)
     exclude = frozenset(data.addition_pairs(500, data.EVAL_SEED)) | frozenset(data.addition_pairs(300, data.VALID_SEED))
     stream = iter(data.addition_pairs(max_steps * batch_size, seed, exclude))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    engine_args = SimpleNamespace(max_response_len=48, temperature=1.0, top_p=1.0)
-    t0, acc = time.time(), 0.0
-    for step in range(1, max_steps + 1):
+    acc, bar = 0.0, tqdm(range(1, max_steps + 1), desc=f"warm-up (until {target:.0%} right)", dynamic_ncols=True)
+    for step in bar:
         ids, attn, labels = sft_batch(tokenizer, [next(stream) for _ in range(batch_size)])
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % check_every == 0:
-            model.eval()
-            acc = prime.evaluate(prime.HFRollout(model, tokenizer, engine_args), tokenizer, valid)["accuracy"]
+            engine = rollout.HFRollout(model, tokenizer, max_response_len=48)
+            acc = rollout.evaluate(engine, tokenizer, valid, progress=False)["accuracy"]
             model.requires_grad_(True)
             model.train()
-            print(f"warm-up step {step}: loss {loss.item():.3f}, validation accuracy {acc:.1%} ({time.time() - t0:.0f}s)")
+            bar.set_postfix(loss=f"{loss.item():.3f}", valid_acc=f"{acc:.1%}")
             if acc >= target:
                 break
+    bar.close()
+    print(f"warm-up: {step} steps, validation accuracy {acc:.1%}")
     return acc
 
 

@@ -12,10 +12,20 @@ file, row and field of anything malformed. `addition_rows` generates the built-i
 solution (one carry-annotated step per digit) ends in \\boxed{sum}, so the policy's answers can be
 checked by the same math verifier that scores real data.
 """
+import bisect
+import glob
 import json
+import os
 import random
+import re
+
+import torch
 
 ABILITIES = ("math", "code")
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used, named by file, row and field (one line for the user)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +77,7 @@ def embedded_eval_rows(n: int) -> list[dict]:
 
 class AdditionStream:
     """An endless stream of fresh training problems, never one of the held-out eval problems."""
+    counts = {}  # nothing to skip or drop (see RowStream)
 
     def __init__(self, seed: int, eval_rows: list[dict]):
         self.rng = random.Random(seed)
@@ -88,34 +99,73 @@ class AdditionStream:
 
 
 class RowStream:
-    """Rows of a loaded dataset, reshuffled every epoch (seeded)."""
+    """Training rows drawn from `files` (RowFile), reshuffled every epoch (seeded), checked as they
+    are drawn, so start-up does not grow with the dataset: a bad row stops the run naming its
+    file, row and field (with skip_bad_rows it is skipped), a prompt longer than max_prompt_len
+    tokens is dropped, and both are counted in `counts` (logged every step)."""
 
-    def __init__(self, rows: list[dict], seed: int):
-        self.rows, self.rng, self.order = rows, random.Random(seed), []
+    def __init__(self, files, seed: int, tokenizer, max_prompt_len: int, skip_bad_rows: bool = False):
+        self.files, self.tokenizer, self.max_prompt_len, self.skip_bad_rows = files, tokenizer, max_prompt_len, skip_bad_rows
+        self.starts = [0]  # global row index of each file's first row
+        for f in files:
+            self.starts.append(self.starts[-1] + len(f))
+        self.rng, self.order, self.usable = random.Random(seed), [], None
+        self.counts = {"skipped_bad_rows": 0, "dropped_long_prompts": 0}
 
     def state_dict(self) -> dict:  # the data position, for exact resume
-        return {"rng": self.rng.getstate(), "order": list(self.order)}
+        return {"rng": self.rng.getstate(), "order": list(self.order), "usable": self.usable,
+                "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict):
         self.rng.setstate(state["rng"])
-        self.order = list(state["order"])
+        self.order, self.usable, self.counts = list(state["order"]), state["usable"], dict(state["counts"])
 
     def take(self, n: int) -> list[dict]:
         out = []
         while len(out) < n:
             if not self.order:
-                self.order = list(range(len(self.rows)))
+                if self.usable == 0:  # a whole epoch without a usable row
+                    raise DataError(f"--data: no usable rows ({self.counts['skipped_bad_rows']} bad, "
+                                    f"{self.counts['dropped_long_prompts']} prompts longer than --max-prompt-len)")
+                self.order, self.usable = list(range(self.starts[-1])), 0
                 self.rng.shuffle(self.order)
-            out.append(self.rows[self.order.pop()])
+            i = self.order.pop()
+            f = bisect.bisect_right(self.starts, i) - 1
+            where, row = self.files[f].row(i - self.starts[f])
+            try:
+                validate_row(row, where)
+            except DataError as e:
+                if not self.skip_bad_rows:
+                    raise DataError(f"{e} (--skip-bad-rows skips such rows)") from None
+                self.counts["skipped_bad_rows"] += 1
+                continue
+            if len(prompt_token_ids(self.tokenizer, [row])[0]) > self.max_prompt_len:
+                self.counts["dropped_long_prompts"] += 1
+                continue
+            self.usable += 1
+            out.append(row)
         return out
+
+
+def step_end_mask(tokenizer, responses, separator, width):
+    """1 on each response token whose text contains `separator` (it ends a reasoning step), as
+    [B, width] for responses given as token-id lists. Tokens are decoded one by one: a token's
+    text is its span of the response, so step boundaries fall on token boundaries."""
+    ends = torch.zeros(len(responses), width)
+    for i, ids in enumerate(responses):
+        for t, text in enumerate(tokenizer.batch_decode([[token] for token in ids])):
+            ends[i, t] = float(separator in text)
+    return ends
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading Eurus-2-style rows
 def validate_row(row, where: str) -> dict:
-    """Raise a ValueError naming `where` (file:row) and the field when `row` breaks the schema."""
+    """Raise a DataError naming `where` (file:row) and the field when `row` breaks the schema."""
     def fail(field, why):
-        raise ValueError(f"{where}: field '{field}' {why}")
+        raise DataError(f"{where}: field '{field}' {why}")
+    if isinstance(row, DataError):
+        raise row
     if not isinstance(row, dict):
         fail("<row>", f"must be a JSON object, got {type(row).__name__}")
     prompt = row.get("prompt")
@@ -137,41 +187,127 @@ def validate_row(row, where: str) -> dict:
     return row
 
 
-def _read_rows(path: str):
-    """(row number, row) pairs of one .parquet or .jsonl file."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet
-        yield from enumerate(pyarrow.parquet.read_table(path).to_pylist(), 1)
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield lineno, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e})")
-    else:
-        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+def data_files(spec: str, split: str) -> list[str]:
+    """The .parquet / .jsonl files of a --data or --eval-data value: comma-separated files, folders
+    or globs. A folder gives the files under it whose name starts with the split's name (what
+    `huggingface-cli download ... --local-dir D` leaves: D/data/train-*.parquet for "train",
+    D/data/validation-*.parquet for "validation"), or, if none is so named, every data file in it."""
+    files = []
+    for part in filter(None, spec.split(",")):
+        if os.path.isdir(part):
+            found = sorted(p for p in glob.glob(os.path.join(part, "**", "*"), recursive=True) if p.endswith(SUFFIXES))
+            named = [p for p in found if os.path.basename(p).startswith(split)]
+            matched = named or found
+        else:
+            matched = sorted(glob.glob(part)) if glob.has_magic(part) else [part] if os.path.isfile(part) else []
+        if not matched:
+            raise DataError(f"{part}: no such file, or no .parquet / .jsonl file in that folder or glob")
+        bad = [p for p in matched if not p.endswith(SUFFIXES)]
+        if bad:
+            raise DataError(f"{bad[0]}: expected a .parquet or .jsonl file")
+        files += matched
+    return files
+
+
+SUFFIXES = (".parquet", ".jsonl")
+
+
+class RowFile:
+    """The rows of one .parquet or .jsonl file, read one at a time on demand, so that start-up does
+    not grow with the file: a parquet file is held as an Arrow table (columnar, compact), a jsonl
+    file as the byte offset of each non-blank line. row(i) -> (where, row, or the DataError of a
+    line that is not JSON)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not path.endswith(SUFFIXES):
+            raise DataError(f"{path}: expected a .parquet or .jsonl file")
+        if path.endswith(".parquet"):
+            import pyarrow.parquet
+            self.table = pyarrow.parquet.read_table(path)
+            missing = [c for c in ("prompt", "ability", "reward_model") if c not in self.table.column_names]
+            if missing:
+                raise DataError(f"{path}: no column '{missing[0]}' (Eurus-2-RL-Data rows have prompt, ability, "
+                                f"reward_model)")
+            self.numbers = None
+            self.size = self.table.num_rows
+        else:
+            self.offsets, self.numbers, offset = [], [], 0
+            with open(path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        self.offsets.append(offset)
+                        self.numbers.append(number)
+                    offset += len(line)
+            self.size = len(self.offsets)
+
+    def __len__(self):
+        return self.size
+
+    def has_code_rows(self) -> bool:
+        """Whether any row's ability is "code" (they need the sandbox), without parsing every row."""
+        if self.numbers is None:
+            return "code" in self.table.column("ability").unique().to_pylist()
+        with open(self.path, "rb") as f:
+            return re.search(rb'"ability"\s*:\s*"code"', f.read()) is not None
+
+    def row(self, i: int):
+        if self.numbers is None:
+            return f"{self.path}:{i + 1}", self.table.slice(i, 1).to_pylist()[0]
+        where = f"{self.path}:{self.numbers[i]}"
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            line = f.readline()
+        try:
+            return where, json.loads(line)
+        except ValueError as e:  # json.JSONDecodeError, or bytes that are not UTF-8
+            return where, DataError(f"{where}: not valid JSON ({e})")
+
+
+def open_files(spec: str, split: str, skip_bad_rows: bool = False) -> list[RowFile]:
+    """The RowFiles of a --data value. Each file's first row is checked now, so a file of the
+    wrong kind fails at once; the rest are checked as they are drawn (RowStream)."""
+    files = [RowFile(path) for path in data_files(spec, split)]
+    if not sum(map(len, files)):
+        raise DataError(f"{spec}: no rows")
+    for f in files:
+        if len(f) and not skip_bad_rows:
+            validate_row(*reversed(f.row(0)))
+    return files
 
 
 def load_rows(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
-    """(rows, errors) from .parquet and .jsonl files, every row validated. A bad row raises a
-    ValueError naming file, row and field; with skip_bad_rows it is left out and its error
-    returned, so the caller can count and report what was skipped."""
+    """(rows, errors): every row of .parquet and .jsonl files, validated (the eval set, which is
+    used whole). A bad row raises a DataError naming file, row and field; with skip_bad_rows it
+    is left out and its error returned, so the caller can count and report what was skipped."""
     rows, errors = [], []
-    for path in paths:
-        for number, row in _read_rows(path):
+    for file in map(RowFile, paths):
+        for i in range(len(file)):
             try:
-                if isinstance(row, Exception):
-                    raise row
-                rows.append(validate_row(row, f"{path}:{number}"))
-            except ValueError as e:
+                rows.append(validate_row(*reversed(file.row(i))))
+            except DataError as e:
                 if not skip_bad_rows:
                     raise
                 errors.append(str(e))
     if not rows:
-        raise ValueError(f"no usable rows in {paths}" + (f" ({len(errors)} bad, first: {errors[0]})" if errors else ""))
+        raise DataError(f"no usable rows in {paths}" + (f" ({len(errors)} bad, first: {errors[0]})" if errors else ""))
     return rows, errors
+
+
+def drop_long_prompts(tokenizer, rows, errors, max_prompt_len: int, verbose=True) -> tuple[list, dict]:
+    """(the eval rows whose prompt fits max_prompt_len tokens, counts for the step-0 metrics: rows
+    kept, bad rows skipped, prompts dropped). Nothing vanishes silently: printed too."""
+    lengths = [len(p) for p in prompt_token_ids(tokenizer, rows)]
+    kept = [r for r, n in zip(rows, lengths) if n <= max_prompt_len]
+    dropped = len(rows) - len(kept)
+    if verbose:
+        print(f"data (eval): {len(kept)} rows; {len(errors)} bad rows skipped"
+              + (f" (first: {errors[0]})" if errors else "") + f"; {dropped} longer than --max-prompt-len dropped")
+    if not kept:
+        raise DataError(f"--eval-data: no rows left once prompts longer than --max-prompt-len ({max_prompt_len} "
+                        f"tokens) are dropped")
+    return kept, {"data/eval_rows": len(kept), "data/eval_skipped_bad_rows": len(errors),
+                  "data/eval_dropped_long_prompts": dropped}
 
 
 # ----------------------------------------------------------------------------------------------

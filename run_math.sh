@@ -33,7 +33,9 @@ torchrun --nproc_per_node="$NPROC" prime.py \
   --rloo-variant official --whiten --gamma 1.0 `# advantage estimator (paper Eq. 5, official code)` \
   --clip-eps 0.2 --ppo-epochs 1 --mini-batch-size 256 `# PPO (official config)` \
   --kl-coef 0.0 --entropy-coef 0.0 `# no KL penalty, no entropy bonus (paper Sec. 4.1)` \
-  --micro-batch-size 4 `# per GPU per forward: memory, not the recipe` \
+  --micro-batch-size 16 --max-tokens-per-micro-batch 16384 `# per forward, length-sorted: memory, not the recipe` \
+  --gradient-checkpointing `# activations recomputed in the backward pass: memory, not the recipe` \
+  --vllm-sleep `# vLLM's KV cache freed (weights offloaded) while the trainer runs: memory, not the recipe` \
   --vllm-gpu-memory-utilization 0.3 `# vLLM's share of each GPU next to the FSDP shards: memory, not the recipe` \
   --eval-every 16 --save-every 16 `# official config` \
   --eval-samples 16 --eval-temperature 0.3 --eval-top-p 0.95 `# avg@16: what the PRIME authors now report (greedy moves between vLLM versions)` \

@@ -187,9 +187,6 @@ def sandbox_status() -> str:
     return _SANDBOX_STATUS
 
 
-_sandbox_status = sandbox_status  # the name tests/test_data.py still calls; drop once it calls sandbox_status
-
-
 def require_sandbox(allow_unsandboxed: bool) -> None:
     """Return if generated code can run sandboxed, or if the caller allows it to run with resource
     limits only (then warn, once per process); else raise SandboxUnavailable. The trainer calls it

@@ -40,10 +40,10 @@ def offline_prm(seed, args, extra):
     offline PRM that equals its reference, the SFT model, would give q = 0: outcome-only RLOO.)"""
     run_dir = os.path.join(args.out, f"offline-prm-training-seed{seed}")
     prm = os.path.join(run_dir, f"checkpoint-{args.offline_prm_steps:06d}", "prm")
-    if not os.path.isdir(prm):
+    if not os.path.isdir(prm):  # (an unfinished training run is replaced: --overwrite)
         subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
                         "--steps", str(args.offline_prm_steps), "--save-every", str(args.offline_prm_steps), "--lr", "0",
-                        *extra], check=True, cwd=ROOT)
+                        "--overwrite", *extra], check=True, cwd=ROOT)
     return prm
 
 
@@ -53,10 +53,10 @@ def run_once(name, seed, args, extra):
     run_dir = os.path.join(args.out, f"{name}-seed{seed}")
     path = os.path.join(run_dir, "metrics.jsonl")
     done = os.path.exists(path) and any(json.loads(line)["step"] == args.steps for line in open(path))
-    if not done:
+    if not done:  # an unfinished run (killed midway, no checkpoint) is started again: --overwrite
         flags = [offline_prm(seed, args, extra) if f == "{offline_prm}" else f for f in CONFIGS[name]]
         subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
-                        "--steps", str(args.steps), *flags, *extra], check=True, cwd=ROOT)
+                        "--steps", str(args.steps), "--overwrite", *flags, *extra], check=True, cwd=ROOT)
     return [json.loads(line) for line in open(path)], not done
 
 

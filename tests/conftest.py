@@ -1,9 +1,13 @@
-"""Shared fixtures: a tiny model built from a config, and a deterministic fake verifier."""
+"""Shared fixtures: a tiny model built from a config, a deterministic fake verifier, a tiny run."""
+import json
+import os
+
 import pytest
 import torch
 
 import bootstrap
 import data
+import prime
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +33,22 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def parity_scores(responses, truths, abilities):
+def parity_scores(responses, truths, abilities, **kw):
     rewards = [float(len(r) % 2 == 0) for r in responses]
     return rewards, {"ok": int(sum(rewards)), "wrong": len(rewards) - int(sum(rewards))}
 
 
+
+
+# A run of a few seconds: 3 prompts x K=2, responses of at most 6 tokens, the filter off.
+TINY = dict(steps=2, prompts_per_step=3, samples_per_prompt=2, max_response_len=6, eval_size=4, eval_every=1,
+            filter_low=0.0, filter_high=1.0, mini_batch_size=6, micro_batch_size=2, lr=1e-3, prm_lr=1e-3)
+
+
+def run_prime(model_dir, run_dir, **overrides):
+    """prime.main on the tiny settings (the caller fakes the verifier); its result + "metrics"."""
+    args = prime.Args(**{"model": model_dir, "run_dir": str(run_dir), **TINY, **overrides})
+    out = prime.main(args)
+    with open(os.path.join(args.run_dir, "metrics.jsonl")) as f:
+        out["metrics"] = [json.loads(line) for line in f]
+    return out

@@ -28,10 +28,72 @@ def test_training_stream_never_yields_eval_problems():
     assert data.embedded_eval_rows(20) == data.embedded_eval_rows(20)  # fixed across runs
 
 
-def test_row_stream_covers_every_row_each_epoch():
-    rows = [{"i": i} for i in range(5)]
-    taken = data.RowStream(rows, seed=0).take(10)
-    assert sorted(r["i"] for r in taken[:5]) == sorted(r["i"] for r in taken[5:]) == list(range(5))
+@pytest.fixture(scope="module")
+def tok():
+    return bootstrap.build_tokenizer(["345+678=5+8=13", bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
+
+
+def test_row_stream_covers_every_row_each_epoch_and_resumes_exactly(tmp_path, tok):
+    rows = [dict(data.addition_row(100 + i, 200), extra_info={"i": i}) for i in range(5)]
+    files = [data.RowFile(write_jsonl(tmp_path / "a.jsonl", rows[:2])), data.RowFile(write_jsonl(tmp_path / "b.jsonl", rows[2:]))]
+    stream = data.RowStream(files, 0, tok, max_prompt_len=100)
+    taken = stream.take(7)
+    assert sorted(r["extra_info"]["i"] for r in taken[:5]) == list(range(5))  # every row once per epoch
+    state = stream.state_dict()
+    rest = stream.take(6)
+    again = data.RowStream(files, 0, tok, max_prompt_len=100)
+    again.load_state_dict(state)
+    assert again.take(6) == rest  # the data position survives a checkpoint
+
+
+def test_row_stream_checks_rows_as_they_are_drawn(tmp_path, tok):
+    rows = data.addition_rows(3, 0)
+    long = dict(rows[1], prompt=[{"role": "user", "content": "1+" * 100 + "1="}])
+    path = write_jsonl(tmp_path / "rows.jsonl", [rows[0], dict(rows[2], ability="poetry"), long])
+    with pytest.raises(data.DataError, match=r"rows.jsonl:2: field 'ability' .*--skip-bad-rows"):
+        data.RowStream([data.RowFile(path)], 0, tok, max_prompt_len=50).take(3)
+    stream = data.RowStream([data.RowFile(path)], 0, tok, max_prompt_len=50, skip_bad_rows=True)
+    assert stream.take(3) == [rows[0]] * 3 and stream.counts == {"skipped_bad_rows": 3, "dropped_long_prompts": 3}
+    with pytest.raises(data.DataError, match="no usable rows"):  # a whole epoch without one: no endless loop
+        data.RowStream([data.RowFile(path)], 0, tok, max_prompt_len=5, skip_bad_rows=True).take(1)
+
+
+def test_parquet_rows_are_read_on_demand(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    rows = data.addition_rows(4, 0)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
+    f = data.RowFile(str(tmp_path / "train.parquet"))
+    assert len(f) == 4 and f.row(2) == (f"{tmp_path / 'train.parquet'}:3", rows[2]) and not f.has_code_rows()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"question": "1+1"}]), tmp_path / "other.parquet")
+    with pytest.raises(data.DataError, match="other.parquet: no column 'prompt'"):
+        data.RowFile(str(tmp_path / "other.parquet"))
+
+
+def test_data_files_take_files_folders_and_globs_as_a_download_leaves_them(tmp_path):
+    # huggingface-cli download PRIME-RL/Eurus-2-RL-Data --repo-type dataset --local-dir D leaves:
+    d = tmp_path / "D"
+    (d / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "validation-00000-of-00001.parquet"):
+        (d / "data" / name).write_bytes(b"")
+    (d / "README.md").write_text("x")
+    names = lambda paths: [os.path.relpath(p, d) for p in paths]
+    assert names(data.data_files(str(d), "train")) == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert names(data.data_files(str(d), "validation")) == ["data/validation-00000-of-00001.parquet"]
+    assert names(data.data_files(f"{d}/data/train-*.parquet,{d}/data/validation-00000-of-00001.parquet", "train")) == [
+        "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/validation-00000-of-00001.parquet"]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "rows.jsonl").write_text("")
+    assert data.data_files(str(other), "train") == [str(other / "rows.jsonl")]  # no file named for the split: all
+    for spec in (str(tmp_path / "empty*.parquet"), str(tmp_path / "missing.jsonl")):
+        with pytest.raises(data.DataError, match="no such file, or no .parquet / .jsonl file"):
+            data.data_files(spec, "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no such file, or no .parquet / .jsonl file"):
+        data.data_files(str(tmp_path / "empty"), "train")
+    with pytest.raises(data.DataError, match="expected a .parquet or .jsonl"):
+        data.data_files(str(d / "README.md"), "train")
 
 
 def write_jsonl(path, rows):
@@ -114,12 +176,12 @@ def test_tokenizer_reads_any_text_and_renders_chat_prompts():
 
 
 def test_trainer_routes_each_row_to_its_verifier():
-    import prime
+    import rollout
     math_row = data.addition_row(345, 678)
     code_row = {"data_source": "fixture/code", "ability": "code", "prompt": [{"role": "user", "content": "echo"}],
                 "reward_model": {"ground_truth": json.dumps({"inputs": ["1\n"], "outputs": ["1\n"]})}}
     texts = [data.addition_solution(345, 678), "\\boxed{7}", "no code here"]
-    rewards, reasons = prime.outcome_rewards(texts, [math_row, math_row, code_row])
+    rewards, reasons = rollout.outcome_rewards(texts, [math_row, math_row, code_row])
     assert rewards.tolist() == [1.0, 0.0, 0.0]
     assert reasons == {"ok": 1, "wrong": 1, "no_answer": 1}
 
@@ -140,9 +202,9 @@ SOLUTIONS = [
 
 
 def test_mixed_math_and_code_batch_is_routed_to_each_verifier():
-    import prime
+    import rollout
     import verifier
-    if verifier._sandbox_status() != "ok":
+    if verifier.sandbox_status() != "ok":
         pytest.skip("bubblewrap is not usable here")
     rows, _ = data.load_rows([FIXTURE])
     math_rows = [r for r in rows if r["ability"] == "math"]
@@ -151,9 +213,9 @@ def test_mixed_math_and_code_batch_is_routed_to_each_verifier():
     batch = [r for pair in zip(math_rows, code_rows) for r in pair] + math_rows[len(code_rows):]  # interleaved
     right = [f"So the answer is $\\boxed{{{r['reward_model']['ground_truth']}}}$." if r["ability"] == "math"
              else f"```python\n{SOLUTIONS[code_rows.index(r)]}\n```" for r in batch]
-    rewards, reasons = prime.outcome_rewards(right, batch)
+    rewards, reasons = rollout.outcome_rewards(right, batch)
     assert rewards.tolist() == [1.0] * len(batch), [r["data_source"] for r, x in zip(batch, rewards) if x != 1]
     # the same answers to the wrong rows: each checker still sees its own kind of ground truth
     shifted = right[2:] + right[:2]
-    rewards, reasons = prime.outcome_rewards(shifted, batch)
+    rewards, reasons = rollout.outcome_rewards(shifted, batch)
     assert rewards.sum() == 0 and reasons.get("no_answer", 0) > 0 and reasons.get("wrong", 0) > 0

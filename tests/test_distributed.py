@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import checkpoint
 import prime
+import rollout
 import verifier
 from conftest import parity_scores
 
@@ -31,10 +33,24 @@ def fixed_batch():
     return prompts, responses, outcome
 
 
+def perturbed_prm(model_dir):
+    """A PRM away from its reference (the tiny model plus fixed noise, saved next to it), so that
+    q is O(0.01) from the first step: where the PRM equals its reference, q is 0 up to ~1e-6 of
+    float noise that differs with micro-batch shapes and that batch_norm would scale up to O(1)."""
+    path = os.path.join(model_dir, "perturbed-prm")
+    if not os.path.exists(path):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        model.save_pretrained(path)
+    return path
+
+
 def one_step(model_dir, rank, world, loss_agg):
     """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights."""
-    args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS // world, micro_batch_size=2,
-                      loss_agg=loss_agg, beta=0.5)
+    args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS, micro_batch_size=2,
+                      loss_agg=loss_agg, beta=0.5, prm_model=os.path.join(model_dir, "perturbed-prm"))
     policy, prm, ref = prime.setup_models(args, model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, responses, outcome = fixed_batch()
@@ -42,12 +58,12 @@ def one_step(model_dir, rank, world, loss_agg):
     batch = prime.collate(prompts[share], responses[share], tokenizer.pad_token_id)
     # SGD: the weight change is lr * gradient, so weights compare gradients (Adam's first step
     # is ~lr * sign(g), which float noise in a near-zero gradient can flip)
-    policy_opt, prm_opt = torch.optim.SGD(policy.parameters(), lr=LR), torch.optim.SGD(prm.parameters(), lr=LR)
-    # a first step moves the PRM away from the reference, so the second has nonzero process rewards
-    for _ in range(2):
-        q, advantages, metrics = prime.prime_step(policy, prm, ref, policy_opt, prm_opt, batch, outcome[share], args,
-                                                  torch.Generator().manual_seed(0))
-    engine = prime.HFRollout(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, args)
+    models = prime.Models(policy, prm, ref, torch.optim.SGD(policy.parameters(), lr=LR),
+                          torch.optim.SGD(prm.parameters(), lr=LR))
+    state = checkpoint.TrainState(None, seed=0, rank=0)
+    for _ in range(2):  # the second step starts from the first's updates
+        q, advantages, metrics = prime.prime_step(models, batch, outcome[share], args, state)
+    engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, args.max_response_len)
     engine.sync(policy)
     return {"advantages": [a[m.bool()] for a, m in zip(advantages, batch[2])], "metrics": metrics,
             "engine": {k: v.clone() for k, v in engine.model.state_dict().items()}}
@@ -77,7 +93,7 @@ def rank_main(rank, world, port, model_dir, out_dir, job):
             # rank 0 answers everything right, so its groups never pass the filter: at the round
             # limit every rank trains on as many groups as the poorest rank has (none)
             if rank == 0:
-                verifier.score_batch = lambda responses, *_: ([1.0] * len(responses), {"ok": len(responses)})
+                verifier.score_batch = lambda responses, *_, **__: ([1.0] * len(responses), {"ok": len(responses)})
             prime.main(prime.Args(**settings, run_dir=os.path.join(out_dir, "starved"), steps=1, max_filter_rounds=3))
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
@@ -89,6 +105,7 @@ def spawn(job, model_dir, out_dir):
 
 
 def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
+    perturbed_prm(tiny_model_dir)
     spawn("steps", tiny_model_dir, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for agg in ("seq-mean-token-mean", "token-mean"):
@@ -117,7 +134,7 @@ def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
         assert m["rollout/logp_gap"] < 1e-4  # the engines sampled from the trainer's weights
         assert "eval/accuracy" in m and "policy/loss" in m
     # the checkpoint's policy is a plain HF folder (gathered from the shards)
-    ckpt = prime.checkpoints(str(run_dir))[-1]
+    ckpt = checkpoint.checkpoints(str(run_dir))[-1]
     model = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "policy"))
     assert json.load(open(os.path.join(ckpt, "policy", "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
     assert not torch.equal(model.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.embed_tokens.weight)
@@ -126,3 +143,15 @@ def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
     assert starved["filter/rounds"] == 3 and starved["filter/kept_groups"] == 0 and "policy/loss" not in starved
     # rank 0 sampled all 3 rounds of 2 prompts x K=2; rank 1 stopped once it had its quota
     assert 3 * 4 + 4 <= starved["verifier/ok"] + starved.get("verifier/wrong", 0) <= 2 * 3 * 4
+
+
+def test_counts_are_summed_over_ranks_and_everything_else_averaged():
+    import distributed
+    ranks = [{}, {}]
+    for m, (ok, loss) in zip(ranks, [(3, 0.5), (4, 1.5)]):
+        distributed.add_count(m, "verifier/ok", ok)
+        distributed.add_count(m, "a/new_count", 1)  # a new count needs no list of keys to be summed
+        m.update({"prm/loss": loss, "rollout/accuracy": 0.25})
+    merged = distributed.merge_metrics(ranks)
+    assert merged == {"verifier/ok": 7, "a/new_count": 2, "prm/loss": 1.0, "rollout/accuracy": 0.25}
+    assert isinstance(merged["verifier/ok"], distributed.Count) and json.dumps(merged["verifier/ok"]) == "7"

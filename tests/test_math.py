@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
+import data
 import prime
+import rollout
 
 torch.manual_seed(0)
 
@@ -62,7 +64,7 @@ def test_token_logprobs_entropy(tiny_lm):
 # ---------------------------------------------------------------------------------------------
 def test_response_mask_includes_first_eos_only():
     responses = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 7, 0], [5, 6, 7, 8, 9]])
-    assert prime.response_mask(responses, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert rollout.response_mask(responses, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
 def test_implicit_rewards_hand_worked():
@@ -278,6 +280,8 @@ def test_grpo_hand_worked():
     # dense rewards: z-scores against the per-response means m = (2, 0) -> mean 1, std sqrt(2)
     dense = prime.grpo(torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.ones(2, 2), k=2)
     assert_close(dense, [[0.0, 2 / 2 ** 0.5], [-1 / 2 ** 0.5, -1 / 2 ** 0.5]], atol=1e-4)
+    centred = prime.grpo(torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.ones(2, 2), k=2, scale=False)
+    assert_close(centred, [[0.0, 2.0], [-1.0, -1.0]])  # minus the group mean 1, not divided by the std
     with pytest.raises(ValueError, match="K >= 2"):
         prime.grpo(torch.ones(2, 2), torch.ones(2, 2), k=1)
 
@@ -290,10 +294,14 @@ def test_estimators_hand_worked():
     adv = lambda est: prime.prime_advantages(r, outcome, mask, k=2, gamma=0.5, whiten=False, estimator=est)
     # reinforce (Eq. 8): A_t = r_o + sum_{s>=t} 0.5^(s-t) r_s
     assert_close(adv("reinforce"), [[1 + 0.2 + 0.5 * 0.4, 1 + 0.4], [0 + 0.0 + 0.5 * -0.2, -0.2]])
-    # grpo: outcome z-scores +-0.5/std(1, 0) = +-0.5/sqrt(0.5); process means (0.3, -0.1): mean 0.1, std sqrt(0.08)
-    s2, sp = 0.5 ** 0.5, 0.08 ** 0.5
-    z = lambda x: (x - 0.1) / sp
-    assert_close(adv("grpo"), [[s2 + z(0.2) + 0.5 * z(0.4), s2 + z(0.4)], [-s2 + z(0.0) + 0.5 * z(-0.2), -s2 + z(-0.2)]], atol=1e-4)
+    # grpo: outcome z-scores +-0.5/std(1, 0) = +-0.5/sqrt(0.5); process rewards minus the group
+    # mean of the per-response means (0.3, -0.1), 0.1, and not divided by their std
+    s2, c = 0.5 ** 0.5, lambda x: x - 0.1
+    assert_close(adv("grpo"), [[s2 + c(0.2) + 0.5 * c(0.4), s2 + c(0.4)],
+                               [-s2 + c(0.0) + 0.5 * c(-0.2), -s2 + c(-0.2)]], atol=1e-5)
+    # so, unlike a z-score, the process term keeps the scale it is given (--process-coef, batch_norm)
+    doubled = prime.prime_advantages(2 * r, outcome, mask, k=2, gamma=0.5, whiten=False, estimator="grpo")
+    assert_close(doubled - adv("grpo"), [[c(0.2) + 0.5 * c(0.4), c(0.4)], [c(0.0) + 0.5 * c(-0.2), c(-0.2)]])
     # rloo is the default
     assert torch.equal(adv("rloo"), prime.prime_advantages(r, outcome, mask, k=2, gamma=0.5, whiten=False))
 
@@ -314,7 +322,7 @@ def test_step_end_mask_finds_separator_tokens():
     import bootstrap
     tok = bootstrap.build_tokenizer(["1+2=3,4+5=9,\\boxed{93}", bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
     ids = tok("1+2=3,4+5=9,\\boxed{93}", add_special_tokens=False)["input_ids"]
-    ends = prime.step_end_mask(tok, [ids, ids[:3]], ",", width=len(ids) + 2)
+    ends = data.step_end_mask(tok, [ids, ids[:3]], ",", width=len(ids) + 2)
     texts = [tok.decode([i]) for i in ids]
     assert [t for t, e in zip(texts, ends[0]) if e] == [t for t in texts if "," in t] and len(ends[0].nonzero()) == 2
     assert ends[1].sum() == 0 and ends.shape == (2, len(ids) + 2)
@@ -322,10 +330,10 @@ def test_step_end_mask_finds_separator_tokens():
 
 def test_adaptive_process_coef_fades_in_with_prm_accuracy():
     args = prime.Args(process_reward_coef=2.0, adaptive_process_coef=True)
-    trust = {"accuracy": 0.5}
-    assert prime.process_coef(args, trust, 0.5) == 0.0  # a PRM at chance gets no weight
-    assert prime.process_coef(args, trust, 0.3) == 0.0 and trust["accuracy"] == pytest.approx(0.48)  # worse: still 0
-    coef = prime.process_coef(args, trust, 1.0)  # 0.9 * 0.48 + 0.1 = 0.532
-    assert trust["accuracy"] == pytest.approx(0.532) and coef == pytest.approx(2.0 * (2 * 0.532 - 1))
-    assert prime.process_coef(args, trust, float("nan")) == coef  # no pairs: no news
-    assert prime.process_coef(prime.Args(process_reward_coef=0.7), trust, 0.0) == 0.7  # fixed weight
+    assert prime.process_coef(args, 0.5, 0.5) == (0.0, 0.5)  # a PRM at chance gets no weight
+    coef, trust = prime.process_coef(args, 0.5, 0.3)
+    assert coef == 0.0 and trust == pytest.approx(0.48)  # worse: still 0
+    coef, trust = prime.process_coef(args, trust, 1.0)  # 0.9 * 0.48 + 0.1 = 0.532
+    assert trust == pytest.approx(0.532) and coef == pytest.approx(2.0 * (2 * 0.532 - 1))
+    assert prime.process_coef(args, trust, float("nan")) == (coef, trust)  # no pairs: no news
+    assert prime.process_coef(prime.Args(process_reward_coef=0.7), trust, 0.0) == (0.7, trust)  # fixed weight

@@ -11,10 +11,12 @@ import os
 import pytest
 import torch
 
+import checkpoint
+import cli
 import data
 import prime
 import verifier
-from conftest import parity_scores
+from conftest import parity_scores, run_prime
 
 
 @pytest.fixture(autouse=True)
@@ -23,15 +25,7 @@ def fake_verifier(monkeypatch):
 
 
 def run(model_dir, tmp_path, name, **overrides):
-    settings = dict(model=model_dir, run_dir=str(tmp_path / name), steps=2, prompts_per_step=3,
-                    samples_per_prompt=2, max_response_len=6, eval_size=4, eval_every=1,
-                    filter_low=0.0, filter_high=1.0, mini_batch_size=6, micro_batch_size=2,
-                    lr=1e-3, prm_lr=1e-3)
-    args = prime.Args(**{**settings, **overrides})
-    out = prime.main(args)
-    with open(os.path.join(args.run_dir, "metrics.jsonl")) as f:
-        out["metrics"] = [json.loads(line) for line in f]
-    return out
+    return run_prime(model_dir, tmp_path / name, **overrides)
 
 
 def weights(model):
@@ -68,7 +62,7 @@ def test_default_step_outputs_and_updates(default_run, tiny_model_dir):
 
 
 def test_default_run_writes_args_and_samples(default_run, tmp_path):
-    run_dir = default_run["engine"].args.run_dir
+    run_dir = default_run["run_dir"]
     assert json.load(open(os.path.join(run_dir, "args.json")))["samples_per_prompt"] == 2
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     assert samples and {s["step"] for s in samples} == {1, 2}
@@ -151,7 +145,7 @@ def test_prm_model_errors(tiny_model_dir, tmp_path):
     other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     other.resize_token_embeddings(other.config.vocab_size + 8)
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="share the policy's tokenizer"):
+    with pytest.raises(ValueError, match="must share its tokenizer"):
         run(tiny_model_dir, tmp_path, "b", prm_model=str(tmp_path / "other"))
 
 
@@ -162,34 +156,86 @@ def test_outcome_only_builds_no_prm_and_coef_zero_is_the_same(tiny_model_dir, tm
     assert torch.equal(weights(a["policy"]), weights(b["policy"]))
 
 
+def ragged_batch():
+    """6 responses of 1-4 tokens after prompts of 2-4 tokens: micro-batches can cut padding."""
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10], [1, 11], [1, 12], [1, 13, 14]]
+    responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29], [30], [31, 32]]
+    return prime.collate(prompts, responses, pad_id=0)
+
+
+# (micro-batch size, token budget): by count, one response each, and by tokens (a budget of 12
+# padded tokens packs 1-3 length-sorted responses per forward)
+SPLITS = [(4, 0), (1, 0), (4, 12)]
+
+
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 def test_micro_batches_accumulate_to_the_mini_batch_gradient(tiny_model_dir, agg):
     """Plain SGD (lr 1, no clipping) makes the weight change equal the gradient, so this compares
     the accumulated gradients exactly (Adam's first step would hide a wrong scale)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10], [1, 11], [1, 12], [1, 13, 14]]
-    responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29], [30], [31, 32]]
-    batch = prime.collate(prompts, responses, pad_id=0)
+    batch = ragged_batch()
     advantages = torch.randn(6, 4) * batch[2]
-    old_logp = torch.zeros(6, 4)
+    old_logp = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
+                                      prime.Args(micro_batch_size=6), {1.0})[1.0]
     results = []
-    for micro in (1, 4):
+    for micro, tokens in SPLITS:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        args = prime.Args(mini_batch_size=4, micro_batch_size=micro, loss_agg=agg, grad_clip=1e9)
+        args = prime.Args(mini_batch_size=4, micro_batch_size=micro, max_tokens_per_micro_batch=tokens,
+                          loss_agg=agg, grad_clip=1e9, temperature=1.0)
         before = weights(model)
-        with torch.no_grad():
-            old_logp = prime.batched_logprobs(model, batch, 6, 1.0) if micro == 1 else old_logp
         prime.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, old_logp, None,
                             advantages, args, torch.Generator().manual_seed(0))
         results.append(weights(model) - before)
     assert results[0].abs().max() > 1e-3  # the update is not trivially zero
-    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-4)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], atol=1e-6, rtol=1e-4)
+
+
+def test_token_budget_packs_sorted_responses_and_cuts_padding():
+    batch = ragged_batch()  # prompt + response lengths: 6, 3, 6, 6, 3, 5
+    splits = list(prime.micro_batches(batch, torch.arange(6), max_count=6, max_tokens=12))
+    # longest first; 0 and 2 together would be 2 x (4 + 3) = 14 padded tokens; 5 and 1: 2 x (3 + 2) = 10
+    assert [idx.tolist() for idx, *_ in splits] == [[0], [2], [3], [5, 1], [4]]
+    for idx, ids, attn, r in splits:
+        assert ids.shape[0] * ids.shape[1] <= 12 and r == int(batch[2][idx].sum(-1).max())
+        assert attn[:, 0].any() and ids.shape == attn.shape  # no column is padding in every row
+    logp = prime.batched_logprobs(tiny_lm_from_config(), batch, prime.Args(micro_batch_size=6), {1.0})[1.0]
+    packed = prime.batched_logprobs(tiny_lm_from_config(), batch, prime.Args(micro_batch_size=6,
+                                                                             max_tokens_per_micro_batch=12), {1.0})[1.0]
+    torch.testing.assert_close(packed, logp, atol=1e-5, rtol=0)  # the same log-probs (0 off-mask), less padding
+
+
+def tiny_lm_from_config():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                        num_key_value_heads=1)).eval()
+
+
+def test_on_policy_update_skips_the_old_logprob_forward_with_the_same_gradient(tiny_model_dir):
+    """One epoch, one mini-batch: pi_old is the update's own detached log-prob (ratio 1)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    batch = ragged_batch()
+    advantages = torch.randn(6, 4) * batch[2]
+    args = prime.Args(mini_batch_size=6, micro_batch_size=2, grad_clip=1e9, temperature=0.7)
+    results = []
+    for given in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        old = prime.batched_logprobs(model, batch, args, {0.7})[0.7] if given else None
+        before = weights(model)
+        _, old_logp = prime.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, old, None,
+                                          advantages, args, torch.Generator().manual_seed(0))
+        results.append((weights(model) - before, old_logp))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=0)  # and the same pi_old
 
 
 def test_filter_skips_steps_without_mixed_groups(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(verifier, "score_batch", lambda responses, *_: ([1.0] * len(responses), {"ok": len(responses)}))
+    monkeypatch.setattr(verifier, "score_batch", lambda responses, *_, **__: ([1.0] * len(responses), {"ok": len(responses)}))
     out = run(tiny_model_dir, tmp_path, "filtered", filter_low=0.2, filter_high=0.8, max_filter_rounds=2)
     step1 = out["metrics"][1]
     assert step1["filter/kept_groups"] == 0 and step1["filter/rounds"] == 2 and step1["rollout/accuracy"] == 1.0
@@ -205,15 +251,6 @@ def test_process_coef_alias():
     from transformers import HfArgumentParser
     (args,) = HfArgumentParser(prime.Args).parse_args_into_dataclasses(["--process-coef", "0.25"])
     assert args.process_reward_coef == 0.25
-
-
-def test_help_lists_every_flag():
-    import subprocess, sys
-    out = subprocess.run([sys.executable, "prime.py", "--help"], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
-    from dataclasses import fields
-    for f in fields(prime.Args):
-        assert f"--{f.name.replace('_', '-')}" in out
 
 
 def test_trains_and_evaluates_on_jsonl_files(tiny_model_dir, tmp_path):
@@ -241,11 +278,11 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     assert json.load(open(tmp_path / "split" / "eval.json")) == json.load(open(tmp_path / "straight" / "eval.json"))
     for name in ("policy", "prm"):
         assert torch.equal(weights(resumed[name]), weights(straight[name])), name
-    assert [os.path.basename(c) for c in prime.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000004"]
+    assert [os.path.basename(c) for c in checkpoint.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000004"]
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(cli.UsageError, match="no complete checkpoint"):
         run(tiny_model_dir, tmp_path, "empty", resume=True)
 
 
@@ -261,7 +298,7 @@ def sourced_rows(n, seed):
 
 def test_eval_only_reports_per_source_greedy_and_avg_at_k(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(verifier, "score_batch", lambda r, t, a: calls.append(len(r)) or parity_scores(r, t, a))
+    monkeypatch.setattr(verifier, "score_batch", lambda r, t, a, **kw: calls.append(len(r)) or parity_scores(r, t, a))
     path = write_rows(tmp_path / "eval.jsonl", sourced_rows(6, 1))
     common = dict(model=tiny_model_dir, eval_data=path, eval_only=True, max_response_len=6)
     greedy = prime.main(prime.Args(**common, run_dir=str(tmp_path / "greedy")))["eval"]
@@ -281,18 +318,21 @@ def test_eval_only_reports_per_source_greedy_and_avg_at_k(tiny_model_dir, tmp_pa
 
 
 def test_bad_rows_and_long_prompts_are_counted_not_silent(tiny_model_dir, tmp_path):
+    """Training rows are checked as they are drawn: 3 steps of 3 prompts draw every one of the
+    8 rows (6 usable, 1 bad, 1 too long) at least once."""
     rows = data.addition_rows(6, 3)
     bad = dict(rows[0], ability="poetry")
     long = dict(rows[1], prompt=[{"role": "user", "content": "1+" * 200 + "1="}])
     path = write_rows(tmp_path / "rows.jsonl", rows + [bad, long])
-    with pytest.raises(ValueError, match=r"rows.jsonl:7: field 'ability'"):
-        run(tiny_model_dir, tmp_path, "strict", data=path)
-    out = run(tiny_model_dir, tmp_path, "lenient", data=path, skip_bad_rows=True, max_prompt_len=100)
-    step0 = out["metrics"][0]
-    assert step0["data/train_rows"] == 6 and step0["data/train_skipped_bad_rows"] == 1
-    assert step0["data/train_dropped_long_prompts"] == 1
+    with pytest.raises(data.DataError, match=r"rows.jsonl:7: field 'ability' .*\(--skip-bad-rows skips such rows\)"):
+        run(tiny_model_dir, tmp_path, "strict", data=path, steps=3, max_prompt_len=100)
+    out = run(tiny_model_dir, tmp_path, "lenient", data=path, skip_bad_rows=True, max_prompt_len=100, steps=3)
+    assert out["metrics"][0]["data/train_rows"] == 8  # in the file; checked as drawn
+    counts = [(m["data/train_skipped_bad_rows"], m["data/train_dropped_long_prompts"]) for m in out["metrics"][1:]]
+    assert counts == sorted(counts) and min(counts[-1]) >= 1  # running totals, both met
+    assert all(m["filter/kept_groups"] == 3 for m in out["metrics"][1:])  # every step still full
     # evaluated at every step: eval.json holds the history, one entry per eval
-    assert [h["step"] for h in json.load(open(tmp_path / "lenient" / "eval.json"))] == [0, 1, 2]
+    assert [h["step"] for h in json.load(open(tmp_path / "lenient" / "eval.json"))] == [0, 1, 2, 3]
 
 
 def test_render_samples_draws_a_real_runs_rewards(default_run):
@@ -301,7 +341,7 @@ def test_render_samples_draws_a_real_runs_rewards(default_run):
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "render_samples.py"))
     render_samples = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render_samples)
-    run_dir = default_run["engine"].args.run_dir
+    run_dir = default_run["run_dir"]
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     page = render_samples.render(samples)
     assert "<h2>step 1</h2>" in page and "<h2>step 2</h2>" in page
@@ -313,3 +353,86 @@ def test_render_samples_draws_a_real_runs_rewards(default_run):
     assert f"{render_samples.colour(biggest, abs(biggest))}' title='{biggest:+.4g}'" in page
     assert render_samples.colour(0.0, 1.0) == "hsl(120, 70%, 100%)"
     assert "No process rewards" in render_samples.render([dict(samples[0], rewards=[])])
+
+
+def perturbed_copy(model_dir, path, scale=0.05):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_implicit_reward_is_the_models_log_ratio_at_temperature_1(tiny_model_dir, tmp_path, monkeypatch):
+    """Sampling at T = 0.7 divides the policy's logits (PPO) and the reference's where it meets the
+    policy in the KL term, but q compares PRM and reference on their raw logits (official code)."""
+    import checkpoint
+    from transformers import AutoModelForCausalLM
+    prm_dir = perturbed_copy(tiny_model_dir, tmp_path / "prm")
+    args = prime.Args(model=tiny_model_dir, prm_model=prm_dir, samples_per_prompt=2, temperature=0.7, kl_coef=0.1,
+                      mini_batch_size=6, micro_batch_size=3)
+    policy, prm, ref = prime.setup_models(args, tiny_model_dir, torch.device("cpu"))
+    models = prime.Models(policy, prm, ref, torch.optim.SGD(policy.parameters(), lr=0.0),
+                          torch.optim.SGD(prm.parameters(), lr=0.0))
+    batch = ragged_batch()
+    seen = {}
+    update = prime.update_policy
+    monkeypatch.setattr(prime, "update_policy", lambda *a, **k: seen.update(ref_logp=a[4]) or update(*a, **k))
+    q, _, _ = prime.prime_step(models, batch, torch.tensor([1.0, 0.0] * 3), args, checkpoint.TrainState(None, 0, 0))
+
+    def logp(model, temperature):
+        ids, attn, mask = batch
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+        logits = logits[:, -mask.shape[1] - 1:-1].float() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, -mask.shape[1]:, None]).squeeze(-1) * mask
+    prm_model, ref_model = (AutoModelForCausalLM.from_pretrained(p) for p in (prm_dir, tiny_model_dir))
+    torch.testing.assert_close(q, logp(prm_model, 1.0) - logp(ref_model, 1.0), atol=1e-5, rtol=0)
+    assert (q - (logp(prm_model, 0.7) - logp(ref_model, 0.7))).abs().max() > 1e-2  # the old, tempered ratio
+    torch.testing.assert_close(seen["ref_logp"], logp(ref_model, 0.7), atol=1e-5, rtol=0)  # KL: at T
+
+
+def test_sampling_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp_path):
+    """A checkpoint whose generation_config.json asks for a large repetition penalty and top_k=3
+    must not change what is sampled: the engine's per-token log-probs (of the distribution it
+    drew from) equal the trainer's at the sampling temperature, and more than 3 tokens appear."""
+    import rollout
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, temperature=2.0, do_sample=True,
+                                               eos_token_id=model.generation_config.eos_token_id)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), tokenizer, max_response_len=6,
+                               temperature=1.0)
+    prompts = data.prompt_token_ids(tokenizer, data.addition_rows(64, 0))
+    torch.manual_seed(0)
+    responses, engine_logps = engine.generate(prompts)
+    batch = prime.collate(prompts, responses, engine.pad_id)
+    trainer = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
+                                     prime.Args(micro_batch_size=64), {1.0})[1.0]
+    R = batch[2].shape[1]
+    engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps])
+    torch.testing.assert_close(engine_logp, trainer, atol=1e-4, rtol=0)
+    assert len({r[0] for r in responses}) > 3  # top_k=3 would allow 3 first tokens at most
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
+    """--gradient-checkpointing recomputes activations in the backward pass: same gradients."""
+    torch.manual_seed(0)
+    batch = ragged_batch()
+    advantages = torch.randn(6, 4) * batch[2]
+    changes = []
+    for checkpointing in (False, True):
+        args = prime.Args(model=tiny_model_dir, no_prm=True, gradient_checkpointing=checkpointing,
+                          mini_batch_size=6, micro_batch_size=3, grad_clip=1e9)
+        policy, _, _ = prime.setup_models(args, tiny_model_dir, torch.device("cpu"))
+        assert policy.is_activation_checkpointing == checkpointing
+        before = weights(policy)
+        prime.update_policy(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, None, None, advantages,
+                            args, torch.Generator().manual_seed(0))
+        changes.append(weights(policy) - before)
+    assert changes[0].abs().max() > 1e-3
+    torch.testing.assert_close(changes[1], changes[0], atol=1e-6, rtol=1e-4)

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prime
+import rollout
 
 
 class FakeLLM:
@@ -19,14 +20,21 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         FakeLLM.last = self
-        self.kwargs, self.resets, self.params = kwargs, 0, None
+        self.kwargs, self.resets, self.params, self.calls = kwargs, 0, None, []
         self.hf = AutoModelForCausalLM.from_pretrained(kwargs["model"])
         runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self.load_weights,
                                                                    named_parameters=self.hf.named_parameters))
         self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
             driver_worker=types.SimpleNamespace(model_runner=runner)))
 
+    def sleep(self, level):
+        self.calls.append(f"sleep({level})")
+
+    def wake_up(self, tags):
+        self.calls.append(f"wake_up({tags})")
+
     def load_weights(self, weights):  # vLLM returns the names of the parameters it loaded
+        self.calls.append("load_weights")
         params, loaded = dict(self.hf.named_parameters()), set()
         for name, tensor in weights:
             if name in params and name not in self.skip:
@@ -35,6 +43,7 @@ class FakeLLM:
         return loaded
 
     def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
         self.resets += 1
 
     def generate(self, prompts, params, use_tqdm):
@@ -53,11 +62,12 @@ def fake_vllm(monkeypatch):
     FakeLLM.skip = set()
 
 
-def make_engine(model_dir):
-    args = prime.Args(model=model_dir, rollout="vllm", seed=5, max_prompt_len=100, max_response_len=20, temperature=0.7)
+def make_engine(model_dir, **flags):
+    args = prime.Args(model=model_dir, rollout="vllm", seed=5, max_prompt_len=100, max_response_len=20, temperature=0.7,
+                      **flags)
     policy, _, _ = prime.setup_models(prime.Args(model=model_dir, no_prm=True), model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return prime.VLLMRollout(model_dir, tokenizer, args), policy, tokenizer
+    return rollout.VLLMRollout(model_dir, tokenizer, args), policy, tokenizer
 
 
 def test_engine_is_built_per_rank_in_process(fake_vllm, tiny_model_dir):
@@ -99,7 +109,55 @@ def test_generate_returns_responses_and_their_logprobs(fake_vllm, tiny_model_dir
 def test_hf_sync_refuses_a_partial_load(tiny_model_dir):
     policy, _, _ = prime.setup_models(prime.Args(model=tiny_model_dir, no_prm=True), tiny_model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    engine = prime.HFRollout(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, prime.Args())
+    engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, max_response_len=4)
     engine.model.register_buffer("extra", torch.zeros(1))  # a weight the policy does not have
     with pytest.raises(RuntimeError, match="extra"):
         engine.sync(policy)
+
+
+def test_sleep_frees_the_engine_and_sync_wakes_weights_before_the_kv_cache(fake_vllm, tiny_model_dir):
+    engine, policy, _ = make_engine(tiny_model_dir, vllm_sleep=True)
+    assert FakeLLM.last.kwargs["enable_sleep_mode"] is True
+    engine.sync(policy)  # step 0: awake, nothing to wake
+    engine.generate([[1, 2]])
+    engine.sleep()  # while the trainer runs
+    engine.sync(policy)
+    assert FakeLLM.last.calls == ["load_weights", "reset_prefix_cache", "sleep(1)", "wake_up(['weights'])",
+                                  "load_weights", "wake_up(['kv_cache'])", "reset_prefix_cache"]
+    plain, policy, _ = make_engine(tiny_model_dir)
+    plain.sleep()
+    plain.sync(policy)
+    assert FakeLLM.last.calls == ["load_weights", "reset_prefix_cache"] and not FakeLLM.last.kwargs["enable_sleep_mode"]
+
+
+def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio(fake_vllm, tiny_model_dir):
+    """With --tis-cap C each token's PPO loss is weighted by min(exp(old_logp - engine_logp), C), no
+    grad through it. The engine's log-probs here are the trainer's shifted by a known mismatch (a
+    real engine's differ by its numerics: bf16, its kernels)."""
+    engine, _, _ = make_engine(tiny_model_dir)
+    prompts = [[1, 2, 3], [4, 5]]
+    responses, _ = engine.generate(prompts)
+    batch = prime.collate(prompts, responses, engine.pad_id)
+    trainer = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
+                                     prime.Args(micro_batch_size=2), {1.0})[1.0]
+    engine_logp = trainer - torch.tensor([[-1.0, 0.5, 0.0], [0.2, -0.8, 1.0]])  # ratios e, 0.6, 1; 0.8, 2.2, 0.4
+    advantages = torch.tensor([[1.0, -0.5, 2.0], [-1.0, 0.5, 1.0]])
+    grads = {}
+    for cap in (0.0, 1.5):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        args = prime.Args(mini_batch_size=2, micro_batch_size=2, tis_cap=cap, grad_clip=1e9, temperature=1.0)
+        old = prime.batched_logprobs(model, batch, args, {1.0})[1.0]
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        prime.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, old, None, advantages, args,
+                            torch.Generator().manual_seed(0), engine_logp)
+        grads[cap] = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    # by hand: at ratio 1 the per-token loss is -A * rho, so its gradient is that of -A * w * logp
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    old = prime.batched_logprobs(model, batch, args, {1.0})[1.0]
+    weights = torch.exp(old - engine_logp).clamp(max=1.5)
+    assert weights.max() == 1.5 and weights.min() < 1.5  # the cap binds on some tokens, not all
+    logp = prime.token_logprobs(model, batch[0], batch[1], 3)
+    prime.masked_aggregate(-advantages * weights * logp, batch[2], "seq-mean-token-mean").backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(grads[1.5], expected, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(grads[0.0], grads[1.5])  # off by default

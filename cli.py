@@ -1,0 +1,144 @@
+"""The command line: how argv becomes a checked `prime.Args`, and the one-line errors.
+
+prime.py defines the flags (`Args`); this file parses them (remembering which were given, for
+--resume), applies --resume's rules (the saved args.json, only RESUMABLE flags may change),
+refuses a --run-dir that holds a run, and refuses every impossible setting, missing file or
+unusable model folder before any model is built or data read: one line that names the flag or
+file and what to do, exit code 2, no traceback (`run`). Tracebacks are for bugs.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+from dataclasses import fields, replace
+
+import torch
+
+import checkpoint
+import data
+import distributed
+
+
+class UsageError(ValueError):
+    """A flag, file or folder that cannot work: one line that names it and what to do, exit code 2."""
+
+
+# Flags that may differ when a run is resumed: how long it runs and what it writes, not what it computes.
+RESUMABLE = {"steps", "eval_every", "save_every", "num_samples_logged", "resume", "allow_unsandboxed_code"}
+
+
+def parse(Args, argv=None):
+    """(Args from the command line, names of the flags given on it): --resume keeps the saved
+    value of every flag not given again."""
+    from transformers import HfArgumentParser
+    parsers = [HfArgumentParser(Args) for _ in range(2)]
+    for action in parsers[1]._actions:  # the second parser knows only what was given
+        action.default = argparse.SUPPRESS
+    for action in parsers[0]._actions:  # HfArgumentParser copies --whiten's help to --no-whiten
+        if "--no_whiten" in action.option_strings:
+            action.help = "do not whiten advantages (the official code does)"
+    (args,) = parsers[0].parse_args_into_dataclasses(argv)
+    return args, set(vars(parsers[1].parse_args(argv)))
+
+
+def resolve(args, given=None):
+    """The flags a run uses, checked before any work: on --resume the run's saved args.json with
+    the flags given again (only RESUMABLE ones may differ). `given`: the flags set on the command
+    line; None (a call from Python) means those that differ from Args' defaults."""
+    if given is None:
+        given = {f.name for f in fields(args) if getattr(args, f.name) != f.default}
+    if args.resume and (args.overwrite or not args.run_dir):
+        raise UsageError("--resume continues the run in --run-dir: give that --run-dir, without --overwrite")
+    saved = checkpoint.read_args(args.run_dir) if args.run_dir else None
+    if args.resume:
+        if saved is None or not checkpoint.checkpoints(args.run_dir):
+            raise UsageError(f"--resume: no complete checkpoint in --run-dir {args.run_dir!r} (a run saves one "
+                             f"every --save-every steps)")
+        changed = [n for n in sorted(given) if n in saved and saved[n] != getattr(args, n) and n not in RESUMABLE]
+        if changed:
+            raise UsageError("--resume continues the saved run, but " + ", ".join(
+                f"--{n.replace('_', '-')} {getattr(args, n)!r} (saved: {saved[n]!r})" for n in changed)
+                + " would change what it computes; only --" + ", --".join(sorted(RESUMABLE)).replace("_", "-")
+                + " may change: start a new --run-dir instead")
+        if saved.get("world_size", 1) != distributed.world_size():
+            raise UsageError(f"--resume: the run in {args.run_dir} ran on {saved.get('world_size', 1)} processes; "
+                             f"resume it with as many (not {distributed.world_size()})")
+        args = replace(args, **{f.name: saved[f.name] for f in fields(args) if f.name not in given and f.name in saved})
+    elif args.run_dir and checkpoint.run_files(args.run_dir) and not args.overwrite:
+        raise UsageError(f"--run-dir {args.run_dir} already holds a run: continue it with --resume, replace it "
+                         f"with --overwrite, or choose another --run-dir")
+    check(args)
+    return args
+
+
+def check(args):
+    """Refuse impossible settings before any model is built or data read, naming the flag."""
+    world = distributed.world_size()
+    problems = [
+        (args.samples_per_prompt < 2, "--samples-per-prompt must be at least 2: RLOO's leave-one-out baseline "
+                                      "needs K >= 2 samples per prompt"),
+        (args.prompts_per_step < 1, "--prompts-per-step must be at least 1"),
+        (args.prompts_per_step % world or args.mini_batch_size % world,
+         f"--prompts-per-step and --mini-batch-size must be divisible by the number of processes ({world})"),
+        (min(args.mini_batch_size, args.micro_batch_size) < 1, "--mini-batch-size and --micro-batch-size must be >= 1"),
+        (args.micro_batch_size >= 1 and args.mini_batch_size // world % args.micro_batch_size,
+         f"--mini-batch-size per process ({args.mini_batch_size // world}) must be a multiple of "
+         f"--micro-batch-size ({args.micro_batch_size})"),
+        (args.steps < 0 or args.max_response_len < 1 or args.max_filter_rounds < 1 or args.ppo_epochs < 1,
+         "--steps must be >= 0; --max-response-len, --max-filter-rounds and --ppo-epochs >= 1"),
+        (args.eval_every < 1, "--eval-every must be at least 1 (it also evaluates at step 0 and the last step)"),
+        (args.save_every < 0, "--save-every must be >= 0 (0 = no checkpoints)"),
+        (args.beta <= 0, "--beta must be > 0: it scales the implicit reward beta*log(pi_phi/pi_ref) and the PRM's logit"),
+        (not 0 <= args.filter_low <= args.filter_high <= 1,
+         f"--filter-low ({args.filter_low}) and --filter-high ({args.filter_high}) need 0 <= low <= high <= 1"),
+        (args.temperature <= 0 or not 0 < args.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+        (not 0 <= args.gamma <= 1 or args.clip_eps <= 0 or not 0 <= args.outcome_noise <= 1,
+         "--gamma and --outcome-noise must be in [0, 1], --clip-eps > 0"),
+        (min(args.lr, args.prm_lr, args.kl_coef, args.entropy_coef) < 0,
+         "--lr, --prm-lr, --kl-coef and --entropy-coef must be >= 0"),
+        (args.eval_samples < 1 or args.eval_size < 1, "--eval-samples and --eval-size must be at least 1"),
+        (args.eval_temperature == 0 and args.eval_samples != 1,
+         "greedy evaluation (--eval-temperature 0) gives one answer per problem: use --eval-samples 1 or a "
+         "temperature > 0"),
+        (args.granularity == "step" and not args.step_separator, "--granularity step needs a --step-separator"),
+        (args.rloo_variant != "official" and args.estimator != "rloo",
+         f"--rloo-variant {args.rloo_variant} has no effect with --estimator {args.estimator} (RLOO only)"),
+        (args.vllm_sleep and args.rollout != "vllm", "--vllm-sleep has no effect without --rollout vllm"),
+        (args.tis_cap < 0 or args.max_tokens_per_micro_batch < 0, "--tis-cap and --max-tokens-per-micro-batch must be >= 0"),
+        (args.kl_coef > 0 and args.reference == "policy", "--kl-coef needs a frozen reference model: use --reference sft"),
+        (args.prm_model and (args.no_prm or args.process_reward_coef == 0),
+         "--prm-model given, but --no-prm (or --process-coef 0) uses no PRM"),
+    ]
+    for flag, spec, split in (("--data", args.data, "train"), ("--eval-data", args.eval_data, "validation")):
+        try:
+            data.data_files(spec, split)
+        except data.DataError as e:
+            problems.append((True, f"{flag}: {e}"))
+    for flag, path in (("--model", args.model), ("--prm-model", args.prm_model)):
+        problems.append((path and not os.path.isfile(os.path.join(path, "config.json")),
+                         f"{flag} {path}: not a model folder (no config.json); give a folder written by "
+                         f"save_pretrained, e.g. from `huggingface-cli download ORG/NAME --local-dir DIR`"))
+    problems.append((args.model and os.path.isfile(os.path.join(args.model, "config.json")) and not any(
+        os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")),
+        f"--model {args.model}: no tokenizer in the folder (tokenizer.json or tokenizer_config.json): save the "
+        f"tokenizer next to the model (tokenizer.save_pretrained)"))
+    if args.rollout == "vllm":
+        problems += [("vllm" not in sys.modules and importlib.util.find_spec("vllm") is None,
+                      "--rollout vllm: vllm is not installed: pip install -r requirements-gpu.txt (or --rollout hf)"),
+                     (not torch.cuda.is_available(), "--rollout vllm needs a GPU; on CPU use --rollout hf")]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+
+
+def run(main, Args):
+    """The entry point of `python prime.py` and torchrun: parse, run, turn user errors into one line."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: 4 per start, 8 under torchrun
+    try:
+        main(*parse(Args))
+    except (UsageError, data.DataError) as e:
+        if distributed.rank() == 0:
+            print(f"prime.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    distributed.shutdown()

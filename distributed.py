@@ -1,0 +1,110 @@
+"""One process, or one per GPU under torchrun: the process group, FSDP2 sharding, the collectives.
+
+    python prime.py                        # one process on cuda:0 or the CPU, plain models
+    torchrun --nproc_per_node=8 prime.py   # one process per GPU (NCCL); gloo on CPU for tests
+    torchrun --nnodes 2 --node-rank I --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...  # several nodes
+
+The math in prime.py takes `reduce(x, op)` for batch-wide statistics: `all_reduce` below, which is
+the identity in one process, so results do not depend on the number of GPUs.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init():
+    """(rank, world_size, device). Under torchrun (any number of processes, one included) joins the
+    process group: NCCL with the GPU of this node's LOCAL_RANK (RANK is global across nodes), or
+    gloo on CPU. Without torchrun: one process on cuda:0 or the CPU."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the process group down while another still uses it
+        dist.destroy_process_group()
+
+
+def shard(model, device):
+    """FSDP2 under torchrun: `fully_shard` on every decoder layer, then the root. GPU: bf16
+    forward/backward, fp32 master weights, gradient reduction and optimizer. CPU: fp32 throughout
+    (bf16 is 20x slower on these CPUs). Every model gets the same policy, so PRM and reference
+    compute identically and q = 0 exactly where they are equal (different kernels make q noise).
+    One process: the model unchanged, on `device`."""
+    if not dist.is_initialized():
+        return model.to(device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=precision)
+    return fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
+def all_reduce(x, op):
+    """The `reduce` of the math: "sum", "max" or "min" of tensor x over all ranks (a new tensor;
+    x itself is unchanged). Identity in one process."""
+    if not dist.is_initialized():
+        return x
+    # NCCL reduces GPU tensors only; a CPU statistic travels through this rank's GPU and back
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    y = x.to(on, copy=True)
+    dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return y.to(x.device)
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def scalar(x):
+    """A Python float from a tensor or a DTensor (FSDP2's grad norm is one: gather it first)."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+class Count(int):
+    """A metric that is a count (responses by verifier reason, kept groups, flipped labels):
+    summed over ranks by `merge_metrics`, where every other metric is averaged. Marked where
+    it is made, so a new count cannot be averaged by mistake. Logs as a plain int."""
+
+
+def add_count(metrics, key, n):
+    metrics[key] = Count(metrics.get(key, 0) + n)
+
+
+def merge_metrics(per_rank):
+    """One metrics dict from every rank's: a Count is summed; anything else (a mean over this
+    rank's equal-sized batch, or a global value every rank holds) is averaged over the ranks that
+    logged it (a value all ranks agree on is kept exactly)."""
+    merged = {}
+    for key in dict.fromkeys(k for m in per_rank for k in m):
+        values = [m[key] for m in per_rank if key in m]
+        if isinstance(values[0], Count):
+            merged[key] = Count(sum(values))
+        else:
+            merged[key] = values[0] if len(set(values)) == 1 else sum(values) / len(values)
+    return merged

@@ -1,0 +1,227 @@
+"""Rollout engines behind one interface, and evaluation of the engine's policy.
+
+    engine.generate(prompts, greedy=False, temperature=None, top_p=None) -> (responses, logps)
+    engine.sleep()        # free what the engine holds while the trainer runs (vLLM's KV cache)
+    engine.sync(policy)   # the trainer's new weights into the engine, after every update (wakes it)
+
+`responses` are token-id lists ending at (and including) the first EOS; `logps` the engine's
+own log-probs of the sampled tokens (None when greedy, or when the engine has none to give).
+- `HFRollout`: an unsharded copy of the policy that samples with HF generate() (CPU, tests, GPU
+  fallback). It keeps its own weights, refreshed by sync(), exactly as vLLM does, so CPU tests
+  exercise the weight refresh that GPU runs depend on.
+- `VLLMRollout`: one in-process vLLM engine per rank (GPU only; vLLM is imported only here).
+"""
+import os
+
+import torch
+
+import data
+import distributed
+import verifier
+
+
+def full_weights(model):
+    """(HF name, full tensor) for every parameter and buffer of a (sharded) model. A collective
+    under FSDP2: every rank iterates in the same (state_dict) order and gathers each tensor."""
+    for name, t in model.state_dict().items():
+        yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def stop_tokens(generation_config, tokenizer):
+    """(EOS ids, pad id): the tokenizer's EOS and every EOS of the model's generation config."""
+    gen_eos = generation_config.eos_token_id
+    eos_ids = sorted((set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}) - {None})
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
+def left_pad(seqs, pad_id):
+    """Token-id lists -> input_ids, attention_mask [B, max len], padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, attn
+
+
+def response_mask(responses, eos_ids):
+    """1 up to and including the first EOS of each sampled response [B, R], 0 after it (where
+    generate() pads). The EOS is kept: ending the answer is an action the policy is credited for.
+    A response with no EOS was cut at the length limit and is valid throughout."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device)).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).float()  # no EOS strictly before t
+
+
+class HFRollout:
+    """Samples with HF generate() from its own unsharded copy of the policy (`model`, loaded by
+    the caller), with a fresh generation config: a checkpoint's generation_config.json
+    (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20) must not change what is sampled,
+    or PPO would train off-policy without knowing it. Only its EOS ids are kept."""
+
+    def __init__(self, model, tokenizer, max_response_len, temperature=1.0, top_p=1.0):
+        from transformers import GenerationConfig
+        self.model, self.device = model.eval().requires_grad_(False), model.device
+        self.max_response_len, self.temperature, self.top_p = max_response_len, temperature, top_p
+        self.eos_ids, self.pad_id = stop_tokens(self.model.generation_config, tokenizer)
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+
+    def sleep(self):
+        """Nothing to free: HF generate holds no cache between calls."""
+
+    @torch.no_grad()
+    def sync(self, policy):
+        """Copy the policy's full weights in; refuse (at step 0 and after) if any is left out."""
+        params, loaded = self.model.state_dict(), set()
+        for name, tensor in full_weights(policy):
+            params[name].copy_(tensor)
+            loaded.add(name)
+        if loaded != set(params):
+            raise RuntimeError(f"rollout sync left engine weights stale: {sorted(set(params) - loaded)[:5]}")
+
+    @torch.no_grad()
+    def generate(self, prompts, greedy=False, temperature=None, top_p=None):
+        """prompts: token-id lists -> (responses, the log-prob of each sampled token under the
+        distribution it was drawn from, or None if greedy). temperature and top_p default to the
+        training rollout's."""
+        from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        ids, attn = left_pad(prompts, self.pad_id)
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        temperature = self.temperature if temperature is None else temperature
+        top_p = self.top_p if top_p is None else top_p
+        recorder, sampling = SampledLogprobs(), dict(do_sample=False)
+        if not greedy:  # temperature and top-p applied here, in HF's order, so that the recorder sees the
+            # final distribution (HF would put its own warpers after any processor passed in)
+            warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+            sampling = dict(do_sample=True, top_k=0,  # HF's default top_k is 50
+                            logits_processor=LogitsProcessorList(warpers + [recorder]))
+        out = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=self.max_response_len,
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids, **sampling)
+        tokens = out[:, ids.shape[1]:]
+        lengths = response_mask(tokens, self.eos_ids).sum(-1).long().tolist()
+        responses = [r[:n].tolist() for r, n in zip(tokens, lengths)]
+        if greedy:
+            return responses, None
+        return responses, [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
+
+
+class SampledLogprobs:
+    """A logits processor placed last: the log-prob of each sampled token under the distribution
+    it was drawn from (after temperature and top-p, as vLLM's processed log-probs), with no extra
+    forward. At each step it reads the token sampled from the previous step's distribution."""
+
+    def __init__(self):
+        self.last, self.logps = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self.logps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, tokens):
+        """[B, R] log-probs of the generated tokens [B, R]."""
+        n = tokens.shape[1]
+        if n and len(self.logps) < n:  # the last token was sampled after the last call
+            self.logps.append(self.last.gather(-1, tokens[:, n - 1:n]).squeeze(-1))
+        return torch.stack(self.logps[:n], 1) if n else torch.zeros(tokens.shape)
+
+
+class VLLMRollout:
+    """Rollout engine on vLLM (GPU only; written against vLLM 0.30, pinned in requirements-gpu.txt):
+    one engine per rank (`external_launcher` runs the V1 engine in this process,
+    tensor_parallel_size=1), new weights loaded in place after every update. vLLM cannot run in
+    this project's CI (no GPU); tests drive this layer with a fake `vllm`, so keep it this thin.
+    Assumed, to check on a GPU: returned token_ids end with the EOS that stopped them (as HF's);
+    rollout/logp_gap near 0 confirms the weights and the temperature match the trainer's."""
+
+    def __init__(self, model_path, tokenizer, args):
+        from transformers import AutoConfig, GenerationConfig
+        from vllm import LLM, SamplingParams  # imported only here: CPU runs and tests never need vLLM
+        self.llm = LLM(model=model_path, dtype="bfloat16", seed=args.seed + distributed.rank(),
+                       tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+                       gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                       max_model_len=args.max_prompt_len + args.max_response_len,
+                       enable_sleep_mode=args.vllm_sleep,
+                       logprobs_mode="processed_logprobs")  # log-probs after temperature and top-p
+        self.args, self.SamplingParams, self.asleep = args, SamplingParams, False
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the model config's EOS
+            generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+        self.eos_ids, self.pad_id = stop_tokens(generation_config, tokenizer)
+
+    def sleep(self):
+        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer runs."""
+        if self.args.vllm_sleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    @torch.no_grad()
+    def sync(self, policy):
+        """Load the policy's full weights in place; refuse if any engine parameter was not loaded.
+        After sleep: wake the weights, load, then wake the KV cache (level-1 sleep unmaps weight
+        memory too: loading into it before waking writes nowhere, verl PR #7434)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        loaded = model.load_weights(full_weights(policy))  # HF names; vLLM fuses q/k/v itself
+        missing = {name for name, _ in model.named_parameters()} - set(loaded)
+        if missing:
+            raise RuntimeError(f"rollout sync left vLLM weights stale: {sorted(missing)[:5]}")
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
+
+    def generate(self, prompts, greedy=False, temperature=None, top_p=None):
+        params = self.SamplingParams(
+            temperature=0.0 if greedy else self.args.temperature if temperature is None else temperature,
+            top_p=1.0 if greedy else self.args.top_p if top_p is None else top_p,
+            max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        responses = [list(o.outputs[0].token_ids) for o in outputs]
+        logps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+        return responses, (None if greedy else logps)
+
+
+def make_engine(args, model_path, tokenizer, device):
+    """The rollout engine of --rollout: vLLM, or HF generate on an unsharded copy (bf16 on GPU: a
+    frozen copy needs no fp32 master weights)."""
+    if args.rollout == "vllm":
+        return VLLMRollout(model_path, tokenizer, args)
+    from transformers import AutoModelForCausalLM
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p)
+
+
+def outcome_rewards(texts, rows, allow_unsandboxed=False):
+    """The verifier's outcome reward [len(texts)] of each response to its row (math answer or code
+    tests, by the row's ability), scored in worker processes, and how many items had each reason
+    (no_answer, timeout, ...): a checker failure scores that item 0, never the batch. Code runs
+    sandboxed, or only with allow_unsandboxed (--allow-unsandboxed-code)."""
+    rewards, reasons = verifier.score_batch(texts, [r["reward_model"]["ground_truth"] for r in rows],
+                                            [r["ability"] for r in rows], allow_unsandboxed=allow_unsandboxed)
+    return torch.tensor(rewards), reasons
+
+
+def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, batch_size=256, progress=True,
+             allow_unsandboxed=False):
+    """Accuracy of the rollout engine's policy on `rows`: greedy (temperature 0), or avg@k: the
+    mean outcome of `samples` responses per problem at `temperature` and `top_p`. Each rank scores
+    its share. {"accuracy": over all problems, "per_source": {data_source: accuracy}}."""
+    from tqdm import tqdm
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = [row for row in rows[rank::world] for _ in range(samples)]
+    prompts, responses = data.prompt_token_ids(tokenizer, mine), []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False, disable=rank != 0 or not progress):
+        responses += engine.generate(prompts[i:i + batch_size], greedy=temperature == 0, temperature=temperature,
+                                     top_p=top_p)[0]
+    scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine, allow_unsandboxed)
+    totals = {}  # data_source -> [sum of outcomes, responses], over all ranks
+    for per_rank in distributed.gather_objects([(row.get("data_source", ""), score)
+                                                for row, score in zip(mine, scores.tolist())]):
+        for source, score in per_rank:
+            totals.setdefault(source, [0.0, 0])
+            totals[source][0] += score
+            totals[source][1] += 1
+    return {"accuracy": sum(t[0] for t in totals.values()) / sum(t[1] for t in totals.values()),
+            "per_source": {source: t[0] / t[1] for source, t in sorted(totals.items())}}

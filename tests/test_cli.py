@@ -1,0 +1,117 @@
+"""cli.py: every impossible setting is one line naming the flag, exit code 2, before any work."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bootstrap
+import cli
+import data
+import prime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def refused(**flags):
+    """The UsageError message for Args(**flags), raised before anything is built or read."""
+    with pytest.raises(cli.UsageError) as e:
+        cli.resolve(prime.Args(**flags))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("flags, names", [
+    ({"samples_per_prompt": 1}, "--samples-per-prompt"),
+    ({"prompts_per_step": 0}, "--prompts-per-step"),
+    ({"eval_every": 0}, "--eval-every"),
+    ({"beta": 0.0}, "--beta"),
+    ({"beta": -0.05}, "--beta"),
+    ({"filter_low": 0.9, "filter_high": 0.1}, "--filter-low (0.9) and --filter-high (0.1)"),
+    ({"mini_batch_size": 6, "micro_batch_size": 4}, "--mini-batch-size per process (6) must be a multiple of "
+                                                    "--micro-batch-size (4)"),
+    ({"data": "/nonexistent/train.jsonl"}, "--data: /nonexistent/train.jsonl: no such file"),
+    ({"eval_data": "/nonexistent/val.parquet"}, "--eval-data: /nonexistent/val.parquet: no such file"),
+    ({"data": "/nonexistent/*.parquet"}, "--data: /nonexistent/*.parquet: no such file, or no .parquet / .jsonl"),
+    ({"eval_samples": 4}, "--eval-samples 1"),
+    ({"kl_coef": 0.1, "reference": "policy"}, "--reference sft"),
+    ({"resume": True, "overwrite": True, "run_dir": "x"}, "without --overwrite"),
+    ({"resume": True}, "give that --run-dir"),
+    ({"temperature": 0.0}, "--temperature"),
+])
+def test_impossible_settings_are_refused_naming_the_flag(flags, names):
+    assert names in refused(**flags)
+
+
+def test_model_folder_without_config_or_tokenizer(tmp_path, tiny_model_dir):
+    assert "--model " + str(tmp_path) + ": not a model folder (no config.json)" in refused(model=str(tmp_path))
+    (tmp_path / "config.json").write_text(open(os.path.join(tiny_model_dir, "config.json")).read())
+    assert "no tokenizer in the folder" in refused(model=str(tmp_path))
+    assert "--prm-model" in refused(model=tiny_model_dir, prm_model=str(tmp_path / "nothing"))
+
+
+def test_vllm_without_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert "pip install -r requirements-gpu.txt" in refused(rollout="vllm")
+
+
+def test_refused_before_the_embedded_model_is_built(monkeypatch, tmp_path):
+    # a missing file must not wait for a minutes-long warm-up on a fresh machine
+    monkeypatch.setattr(bootstrap, "embedded_model", lambda *a, **k: pytest.fail("the warm-up started"))
+    with pytest.raises(cli.UsageError, match="no such file"):
+        prime.main(prime.Args(data=str(tmp_path / "missing.jsonl"), run_dir=str(tmp_path / "run")))
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps(dict(data.addition_row(1, 2), ability="poetry")) + "\n")
+    with pytest.raises(data.DataError, match=r"rows.jsonl:1: field 'ability'"):  # rows are read first
+        prime.main(prime.Args(data=str(bad), run_dir=str(tmp_path / "run")))
+    assert not os.path.exists(tmp_path / "run")  # a refused run leaves no run directory behind
+
+
+def test_command_line_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
+    bad = tmp_path / "rows.jsonl"  # row 2 is bad: found when it is drawn, in step 1
+    bad.write_text(json.dumps(data.addition_row(1, 2)) + "\n" + json.dumps(dict(data.addition_row(1, 2), prompt=7)))
+    for argv, message in [(["--samples-per-prompt", "1"], "--samples-per-prompt must be at least 2"),
+                          (["--data", str(bad), "--model", tiny_model_dir, "--prompts-per-step", "2", "--eval-size", "2",
+                            "--mini-batch-size", "8", "--micro-batch-size", "8"],
+                           f"{bad}:2: field 'prompt' must be a non-empty list")]:
+        out = subprocess.run([sys.executable, "prime.py", *argv, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode == 2, out.stderr[-2000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("prime.py: error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert errors[0] == out.stderr.strip().splitlines()[-1]  # the last word, after any progress bar
+
+
+def test_help_explains_the_flags_that_were_unclear():
+    parser_help = subprocess.run([sys.executable, "prime.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout
+    flat = " ".join(parser_help.split())
+    assert ".parquet or .jsonl" in flat.split("--data DATA")[-1][:120]  # its help, not the usage line
+    assert "do not whiten advantages" in flat
+    assert "(default: '\\n', a newline)" in flat
+    from dataclasses import fields
+    for f in fields(prime.Args):  # every flag is listed
+        assert f"--{f.name.replace('_', '-')}" in parser_help
+
+
+def test_given_flags_are_what_the_command_line_set():
+    args, given = cli.parse(prime.Args, ["--steps", "7", "--no-whiten", "--process-coef", "0.5", "--lr", "5e-05"])
+    assert given == {"steps", "whiten", "process_reward_coef", "lr"}  # --lr given, even at its default
+    assert args.steps == 7 and args.whiten is False and args.process_reward_coef == 0.5
+
+
+def test_code_rows_without_a_sandbox_are_refused_unless_allowed(monkeypatch, tmp_path, tiny_model_dir):
+    import verifier
+    monkeypatch.setattr(verifier, "_SANDBOX_STATUS", "bubblewrap (bwrap) is not installed")
+    code_row = {"data_source": "x", "ability": "code", "prompt": [{"role": "user", "content": "echo"}],
+                "reward_model": {"ground_truth": json.dumps({"inputs": ["1\n"], "outputs": ["1\n"]})}}
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps(code_row) + "\n")
+    monkeypatch.setattr(bootstrap, "embedded_model", lambda *a, **k: pytest.fail("the warm-up started"))
+    for flag in ("data", "eval_data"):
+        with pytest.raises(cli.UsageError, match="--allow-unsandboxed-code"):  # at start, before any work
+            prime.main(prime.Args(**{flag: str(path)}, run_dir=str(tmp_path / "run")))
+    out = prime.main(prime.Args(model=tiny_model_dir, eval_data=str(path), eval_only=True, max_response_len=4,
+                                allow_unsandboxed_code=True, run_dir=str(tmp_path / "allowed")))
+    assert out["eval"]["eval/accuracy"] == 0.0  # scored (unsandboxed, as asked), not refused
