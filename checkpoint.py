@@ -131,18 +131,23 @@ def sample_records(step, tokenizer, batch, q, outcome, beta, n):
     return records
 
 
-def write_eval_report(run_dir, history, how):
+def write_eval_report(run_dir, history, args, show=False):
     """eval.json (every evaluation so far) and eval.md (a table: one row per eval step, one
-    column per data_source; `how` says how it was sampled). Returns the table."""
+    column per data_source), on rank 0; `show` also prints the table."""
+    if distributed.rank() != 0:
+        return
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(history, f, indent=2)
+    how = "greedy" if args.eval_temperature == 0 else \
+        f"avg@{args.eval_samples}, T={args.eval_temperature}, top_p={args.eval_top_p}"
     sources = sorted({s for h in history for s in h["per_source"]})
     lines = [f"Accuracy ({how})", "", "| step | all | " + " | ".join(sources) + " |", "|---:" * (len(sources) + 2) + "|"]
     lines += [f"| {h['step']} | {h['accuracy']:.1%} | "
               + " | ".join(f"{h['per_source'].get(s, float('nan')):.1%}" for s in sources) + " |" for h in history]
     with open(os.path.join(run_dir, "eval.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return "\n".join(lines)
+    if show:
+        print("\n".join(lines))
 
 
 class TrainState:

@@ -21,6 +21,8 @@ import re
 
 import torch
 
+import verifier
+
 ABILITIES = ("math", "code")
 
 
@@ -294,6 +296,55 @@ def load_rows(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[dict]
     return rows, errors
 
 
+def load_task(args, embedded_model):
+    """(model path, tokenizer, training stream, eval rows, data counts) for a run's Args. Files are
+    opened and the eval rows read and checked before the embedded model is built (by
+    `embedded_model(cache_dir)` when --model is empty), so a bad file fails in seconds; training
+    rows are checked as they are drawn (RowStream). Code rows need the sandbox, or
+    --allow-unsandboxed-code."""
+    from transformers import AutoTokenizer
+    train, evals = open_task("" if args.eval_only else args.data, args.eval_data, args.skip_bad_rows)
+    if has_code_rows(train, evals):
+        try:  # generated code runs sandboxed, or not at all unless the user says otherwise
+            verifier.require_sandbox(args.allow_unsandboxed_code)
+        except verifier.SandboxUnavailable as e:
+            raise DataError(str(e)) from None
+    model_path = args.model or embedded_model(os.path.expanduser(args.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    verbose = int(os.environ.get("RANK", 0)) == 0
+    return model_path, tokenizer, *task_streams(train, evals, tokenizer, args.seed, args.max_prompt_len,
+                                                args.skip_bad_rows, args.eval_size, verbose)
+
+
+def open_task(train: str, evals: str, skip_bad_rows: bool = False):
+    """(training RowFiles, (eval rows, errors) or None) of --data and --eval-data ('' = none): the
+    files are opened and the eval rows read and checked, the training rows left for RowStream."""
+    return (open_files(train, "train", skip_bad_rows) if train else [],
+            load_rows(data_files(evals, "validation"), skip_bad_rows) if evals else None)
+
+
+def has_code_rows(train, evals) -> bool:
+    return any(f.has_code_rows() for f in train) or any(r["ability"] == "code" for r in (evals or ([], []))[0])
+
+
+def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, eval_size, verbose=True):
+    """(training stream, eval rows, counts for the step-0 metrics): RowStream over the training
+    files, or the built-in addition without them; the eval rows whose prompts fit, or the
+    built-in held-out problems."""
+    counts = {}
+    if evals:
+        eval_rows, counts = drop_long_prompts(tokenizer, *evals, max_prompt_len, verbose)
+    else:
+        eval_rows = embedded_eval_rows(eval_size)
+    if not train:
+        return AdditionStream(seed, eval_rows), eval_rows, counts
+    counts["data/train_rows"] = sum(map(len, train))
+    if verbose:
+        print(f"data (train): {counts['data/train_rows']} rows in {len(train)} files, checked as they are drawn "
+              f"(bad rows and prompts longer than --max-prompt-len are counted in metrics.jsonl)")
+    return RowStream(train, seed, tokenizer, max_prompt_len, skip_bad_rows), eval_rows, counts
+
+
 def drop_long_prompts(tokenizer, rows, errors, max_prompt_len: int, verbose=True) -> tuple[list, dict]:
     """(the eval rows whose prompt fits max_prompt_len tokens, counts for the step-0 metrics: rows
     kept, bad rows skipped, prompts dropped). Nothing vanishes silently: printed too."""
@@ -324,3 +375,57 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
 def prompt_token_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
     """Each row's prompt (see prompt_text) as token ids; the template carries any special tokens."""
     return [tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: token-id lists -> padded tensors, and the forward passes over them
+def left_pad(seqs, pad_id):
+    """Token-id lists -> input_ids, attention_mask [B, max len], padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, attn
+
+
+def collate(prompts, responses, pad_id):
+    """Left-padded prompts + right-padded responses -> input_ids, attention_mask [B, P+R] and the
+    response mask [B, R] (responses already end at their first EOS)."""
+    p_ids, p_attn = left_pad(prompts, pad_id)
+    R = max(1, max(len(r) for r in responses))
+    r_ids = torch.tensor([r + [pad_id] * (R - len(r)) for r in responses])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses])
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_attn, mask.long()], 1), mask
+
+
+def micro_batches(batch, rows, max_count, max_tokens=0, reduce=lambda x, op: x):
+    """Split rows `rows` [n] of a collated batch into forward passes, sorted by length: at most
+    max_count rows each and, if max_tokens > 0, at most that many tokens once padded (rows x (the
+    longest prompt + the longest response)), so padding does not dominate when lengths vary
+    (verl's dynamic batch size). Yields (row indices, input_ids, attention_mask, r): the columns
+    that are padding in every row are cut away; r is the response width kept. With `reduce` (an
+    all-reduce) every rank makes as many passes as the rank that needs most."""
+    ids, attn, mask = batch
+    R = mask.shape[1]
+    P = ids.shape[1] - R
+    p_len, r_len = attn[:, :P].sum(-1).tolist(), [max(1, n) for n in mask.sum(-1).long().tolist()]
+    groups = []
+    for i in sorted(rows.tolist(), key=lambda i: -(p_len[i] + r_len[i])):
+        group = groups[-1] if groups else []
+        p, r = max([p_len[i]] + [p_len[j] for j in group]), max([r_len[i]] + [r_len[j] for j in group])
+        if group and len(group) < max_count and (max_tokens <= 0 or (p + r) * (len(group) + 1) <= max_tokens):
+            group.append(i)
+        else:
+            groups.append([i])
+    while len(groups) < int(reduce(torch.tensor(len(groups)), "max")):  # split the largest
+        largest = max(groups, key=len)
+        groups[groups.index(largest):groups.index(largest) + 1] = [largest[::2], largest[1::2]]
+    for group in groups:
+        idx = torch.tensor(group, device=ids.device)
+        p, r = max(p_len[j] for j in group), max(r_len[j] for j in group)
+        cols = torch.cat([torch.arange(P - p, P), torch.arange(P, P + r)]).to(ids.device)
+        yield idx, ids[idx][:, cols], attn[idx][:, cols], r
+
+
+def padded(x, R):
+    """[b, r] -> [b, R], zeros on the right: a micro-batch's values back at the batch's width."""
+    return torch.nn.functional.pad(x, (0, R - x.shape[1]))

@@ -42,6 +42,20 @@ def shutdown():
         dist.destroy_process_group()
 
 
+def load_model(path, device, trained=True, checkpointing=False):
+    """An HF causal LM from `path`, ready for this process: trained models keep fp32 master
+    weights (with --gradient-checkpointing, activations are recomputed in the backward pass); a
+    frozen one is bf16 on GPU, which is exactly what a trained copy computes with there (bf16
+    compute of the same weights: q = 0 where PRM and reference are equal), fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+    dtype = torch.float32 if trained or device.type != "cuda" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if trained and checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = shard(model, device)
+    return model.train() if trained else model.eval().requires_grad_(False)
+
+
 def shard(model, device):
     """FSDP2 under torchrun: `fully_shard` on every decoder layer, then the root. GPU: bf16
     forward/backward, fp32 master weights, gradient reduction and optimizer. CPU: fp32 throughout

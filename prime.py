@@ -28,12 +28,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import bootstrap
 import checkpoint
 import cli
 import data
 import distributed
 import rollout
-import verifier
+from data import collate, padded
 from distributed import add_count, all_reduce, scalar
 
 
@@ -44,8 +45,7 @@ def arg(default, help, **kw):
 @dataclass
 class Args:
     # model and data; empty strings select the embedded default (see bootstrap.py)
-    model: str = arg("", "HF model folder (config.json + tokenizer) for policy, PRM and reference; '' builds "
-                         "the embedded tiny model")
+    model: str = arg("", "HF model folder for policy, PRM and reference; '' = the embedded tiny model")
     data: str = arg("", "comma-separated Eurus-2-style .parquet or .jsonl files; '' = built-in addition")
     eval_data: str = arg("", "comma-separated .parquet or .jsonl eval files; '' = built-in held-out addition")
     eval_size: int = arg(500, "number of built-in held-out problems (ignored with --eval-data)")
@@ -60,8 +60,7 @@ class Args:
     # rollout
     rollout: str = arg("hf", "rollout engine: HF generate (CPU, tests, GPU fallback) or vLLM (GPU)",
                              choices=["hf", "vllm"])
-    vllm_sleep: bool = arg(False, "vllm: free the engine's KV cache and offload its weights while the trainer "
-                                  "runs (sleep mode level 1)")
+    vllm_sleep: bool = arg(False, "vllm: free its KV cache and offload its weights while the trainer runs")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm: fraction of each GPU for its weights and KV cache "
                                                   "(the rest: sharded policy, PRM, reference, optimizers)")
     steps: int = arg(150, "training steps (each: sample, verify, filter, PRM update, policy update)")
@@ -80,21 +79,18 @@ class Args:
     no_prm: bool = arg(False, "outcome-only RLOO: no PRM, no process rewards (the paper's baseline)")
     process_reward_coef: float = arg(1.0, "weight of the process return in the advantage; 0 = --no-prm",
                                           aliases=["--process-coef"])
-    adaptive_process_coef: bool = arg(False, "scale the process weight by how much better than chance the "
-                                             "PRM ranks fresh responses (smoothed pairwise accuracy): 0 at "
-                                             "chance, full at 100%%")
-    granularity: str = arg("token", "process reward on every token, summed per reasoning step on the step's "
-                                    "last token, or summed on the last token",
-                                    choices=["token", "step", "whole"])
+    adaptive_process_coef: bool = arg(False, "scale the process weight by the PRM's smoothed held-out "
+                                             "pairwise accuracy: 0 at chance, full at 100%%")
+    granularity: str = arg("token", "process reward per token, per reasoning step (on its last token) or per "
+                                    "response (on the last token)", choices=["token", "step", "whole"])
     step_separator: str = arg("\n", "--granularity step: text that ends a reasoning step (a token containing "
                                     "it closes the step) (default: %(default)r, a newline)")
     outcome_noise: float = arg(0.0, "flip each training outcome label (o -> 1-o) with this probability: a "
                                     "contaminated verifier (eval is never flipped)")
     reward_norm: str = arg("batch_norm", "scale process rewards by the batch's max |return| (official)",
                                          choices=["batch_norm", "none"])
-    prm_model: str = arg("", "initial weights of the implicit PRM (same tokenizer); '' = --model (paper "
-                             "default). With --prm-update none, a PRM trained beforehand: the paper's "
-                             "offline PRM")
+    prm_model: str = arg("", "the PRM's initial weights (same tokenizer); '' = --model (paper). With "
+                             "--prm-update none: a PRM trained beforehand, the paper's offline PRM")
     prm_update: str = arg("after", "read rewards then update the PRM (single forward), update first, or "
                                    "never", choices=["after", "before", "none"])
     reference: str = arg("sft", "pi_ref of the PRM: the frozen initial model, or the current policy",
@@ -104,9 +100,9 @@ class Args:
     prm_weight_decay: float = arg(0.0, "PRM AdamW weight decay")
     prm_grad_clip: float = arg(10.0, "PRM gradient-norm clip")
     # advantages and policy
-    estimator: str = arg("rloo", "advantage estimator (paper Sec. 5.3): RLOO (Eq. 5), GRPO-style group "
-                                 "z-scores (Eq. 7), or REINFORCE without baseline (Eq. 8)",
-                                 choices=["rloo", "grpo", "reinforce"])
+    estimator: str = arg("rloo", "advantage estimator (Sec. 5.3): RLOO (Eq. 5), GRPO group scores (Eq. 7, "
+                                 "see prime_advantages), REINFORCE (Eq. 8)",
+                         choices=["rloo", "grpo", "reinforce"])
     rloo_variant: str = arg("official", "RLOO scaling: official code, or the paper's Eq. 5",
                                         choices=["official", "paper"])
     gamma: float = arg(1.0, "discount of the process-reward return")
@@ -376,20 +372,10 @@ class Models(NamedTuple):
 
 
 def setup_models(args, model_path, device, checkpoint_dir=None):
-    """Policy, PRM (same init unless --prm-model) and reference from one checkpoint (policy and
-    PRM from `checkpoint_dir` when resuming), each FSDP2-sharded under torchrun. Trained models
-    keep fp32 master weights; the frozen reference is bf16 on GPU, which is exactly what the PRM
-    computes with there (bf16 compute of the same weights), so q = 0 where the two are equal."""
-    from transformers import AutoModelForCausalLM
-
-    def load(path, trained=True):
-        dtype = torch.float32 if trained or device.type != "cuda" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if trained and args.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return distributed.shard(model, device).train() if trained else \
-            distributed.shard(model, device).eval().requires_grad_(False)
-
+    """Models(policy, PRM, reference, their optimizers) from one checkpoint (policy and PRM from
+    `checkpoint_dir` when resuming); the PRM starts as the policy unless --prm-model."""
+    load = lambda path, trained=True: distributed.load_model(path, device, trained,
+                                                             args.gradient_checkpointing)
     saved = lambda name: os.path.join(checkpoint_dir, name) if checkpoint_dir else None
     policy = load(saved("policy") or model_path)
     use_prm = not args.no_prm and args.process_reward_coef != 0
@@ -400,58 +386,16 @@ def setup_models(args, model_path, device, checkpoint_dir=None):
     # The PRM's reference and the KL term need the frozen initial model; --reference policy
     # reuses the policy's own pre-update log-probs and needs no extra copy.
     need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
-    return policy, prm, load(model_path, trained=False) if need_ref else None
+    ref = load(model_path, trained=False) if need_ref else None
+    adamw = lambda model, lr, decay: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+    return Models(policy, prm, ref, adamw(policy, args.lr, args.weight_decay),
+                  adamw(prm, args.prm_lr, args.prm_weight_decay) if use_prm else None)
 
 
-def make_optimizers(args, policy, prm, ref):
-    return Models(policy, prm, ref,
-                  torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay),
-                  torch.optim.AdamW(prm.parameters(), lr=args.prm_lr, weight_decay=args.prm_weight_decay)
-                  if prm is not None else None)
-
-
-def collate(prompts, responses, pad_id):
-    """Left-padded prompts + right-padded responses -> input_ids, attention_mask [B, P+R] and the
-    response mask [B, R] (responses already end at their first EOS)."""
-    p_ids, p_attn = rollout.left_pad(prompts, pad_id)
-    R = max(1, max(len(r) for r in responses))
-    r_ids = torch.tensor([r + [pad_id] * (R - len(r)) for r in responses])
-    mask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses])
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_attn, mask.long()], 1), mask
-
-
-def micro_batches(batch, rows, max_count, max_tokens=0):
-    """Split rows `rows` [n] of a collated batch into forward passes, sorted by length: at most
-    max_count rows each and, if max_tokens > 0, at most that many tokens once padded (rows x (the
-    longest prompt + the longest response)), so padding does not dominate when lengths vary
-    (verl's dynamic batch size). Yields (row indices, input_ids, attention_mask, r): the columns
-    that are padding in every row are cut away; r is the response width kept."""
-    ids, attn, mask = batch
-    R = mask.shape[1]
-    P = ids.shape[1] - R
-    p_len, r_len = attn[:, :P].sum(-1).tolist(), [max(1, n) for n in mask.sum(-1).long().tolist()]
-    groups = []
-    for i in sorted(rows.tolist(), key=lambda i: -(p_len[i] + r_len[i])):
-        group = groups[-1] if groups else []
-        p, r = max([p_len[i]] + [p_len[j] for j in group]), max([r_len[i]] + [r_len[j] for j in group])
-        if group and len(group) < max_count and (max_tokens <= 0 or (p + r) * (len(group) + 1) <= max_tokens):
-            group.append(i)
-        else:
-            groups.append([i])
-    # Under FSDP every forward is a collective: all ranks make as many, splitting their largest
-    while len(groups) < int(all_reduce(torch.tensor(len(groups)), "max")):
-        largest = max(groups, key=len)
-        groups[groups.index(largest):groups.index(largest) + 1] = [largest[::2], largest[1::2]]
-    for group in groups:
-        idx = torch.tensor(group, device=ids.device)
-        p, r = max(p_len[j] for j in group), max(r_len[j] for j in group)
-        cols = torch.cat([torch.arange(P - p, P), torch.arange(P, P + r)]).to(ids.device)
-        yield idx, ids[idx][:, cols], attn[idx][:, cols], r
-
-
-def padded(x, R):
-    """[b, r] -> [b, R], zeros on the right: a micro-batch's values back at the batch's width."""
-    return F.pad(x, (0, R - x.shape[1]))
+def micro_batches(batch, rows, args):
+    """data.micro_batches under --micro-batch-size and --max-tokens-per-micro-batch, with as many
+    forwards on every rank (under FSDP each forward is a collective)."""
+    return data.micro_batches(batch, rows, args.micro_batch_size, args.max_tokens_per_micro_batch, all_reduce)
 
 
 @torch.no_grad()
@@ -459,8 +403,7 @@ def batched_logprobs(model, batch, args, temperatures):
     """{temperature: [B, R] log-probs} of a whole batch, in micro-batches, without grad; 0 off-mask."""
     mask = batch[2]
     out = {t: torch.zeros_like(mask) for t in temperatures}
-    for idx, ids, attn, r in micro_batches(batch, torch.arange(len(mask)), args.micro_batch_size,
-                                            args.max_tokens_per_micro_batch):
+    for idx, ids, attn, r in micro_batches(batch, torch.arange(len(mask)), args):
         for t, logp in token_logprobs(model, ids, attn, r, frozenset(temperatures)).items():
             out[t][idx] = padded(logp, mask.shape[1]) * mask[idx]
     return out
@@ -485,7 +428,7 @@ def update_prm(prm, opt, batch, ref_logp, outcome, args):
     q, mini = torch.zeros_like(mask), args.mini_batch_size // distributed.world_size()
     for lo in range(0, B, mini):  # contiguous mini-batches, as the official code splits
         rows = torch.arange(lo, min(lo + mini, B), device=mask.device)
-        for idx, ids, attn, r in micro_batches(batch, rows, args.micro_batch_size, args.max_tokens_per_micro_batch):
+        for idx, ids, attn, r in micro_batches(batch, rows, args):
             q_mb = implicit_rewards(padded(token_logprobs(prm, ids, attn, r), R), ref_logp[idx], mask[idx])
             loss = prm_ce_loss(q_mb, mask[idx], outcome[idx], args.beta)
             (loss * len(idx) / len(rows)).backward()  # mean over the mini-batch's sequences
@@ -520,8 +463,7 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
             # Under FSDP gradients are averaged over ranks, which hold equal numbers of sequences;
             # for token-mean each rank's share of the global tokens is scaled back by world size.
             mb_tokens, mb_loss = all_reduce(mask[rows].sum(), "sum") / world, 0.0
-            for idx, ids_mb, attn_mb, r in micro_batches(batch, rows, args.micro_batch_size,
-                                                         args.max_tokens_per_micro_batch):
+            for idx, ids_mb, attn_mb, r in micro_batches(batch, rows, args):
                 m = mask[idx]
                 logp, entropy = token_logprobs(policy, ids_mb, attn_mb, r, args.temperature,
                                                with_entropy="grad" if args.entropy_coef > 0 else True)
@@ -581,16 +523,17 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
     # mini-batch): its ratio is 1, so the update's first forward gives the same log-probs.
     T, use_prm = args.temperature, prm is not None
     on_policy = args.ppo_epochs == 1 and len(mask) <= args.mini_batch_size // distributed.world_size()
-    policy_temps = ({T} if not on_policy else set()) | ({1.0} if use_prm and args.reference == "policy" else set())
+    wanted = lambda *pairs: {t for t, needed in pairs if needed}
+    policy_temps = wanted((T, not on_policy), (1.0, use_prm and args.reference == "policy"))
     old = batched_logprobs(policy, batch, args, policy_temps) if policy_temps else {}
-    ref_temps = ({1.0} if use_prm and args.reference == "sft" else set()) | ({T} if args.kl_coef > 0 else set())
+    ref_temps = wanted((1.0, use_prm and args.reference == "sft"), (T, args.kl_coef > 0))
     ref_logp = batched_logprobs(ref, batch, args, ref_temps) if ref is not None else {}
 
     # 5. implicit process rewards and the PRM's CE update on outcome labels
     q = r = None
     if prm is not None:
-        q, prm_metrics = update_prm(prm, prm_opt, batch, (old if args.reference == "policy" else ref_logp)[1.0],
-                                    outcome, args)
+        q_ref = (old if args.reference == "policy" else ref_logp)[1.0]
+        q, prm_metrics = update_prm(prm, prm_opt, batch, q_ref, outcome, args)
         metrics.update(prm_metrics)
         # held out for "after" (q is read before the PRM trains on this batch); in-sample for "before"
         metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K, all_reduce)
@@ -606,11 +549,12 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
                                   args.estimator)
 
     # 7. PPO-clip policy update
-    policy_metrics, old_logp = update_policy(policy, policy_opt, batch, old.get(T), ref_logp.get(T), advantages,
-                                             args, state.shuffle, engine_logp)
+    policy_metrics, old_logp = update_policy(policy, policy_opt, batch, old.get(T), ref_logp.get(T),
+                                             advantages, args, state.shuffle, engine_logp)
     metrics.update(policy_metrics)
     if engine_logp is not None:  # a jump means the engine sampled from stale weights
-        metrics["rollout/logp_gap"] = masked_aggregate((engine_logp - old_logp).abs(), mask, "token-mean").item()
+        gap = masked_aggregate((engine_logp - old_logp).abs(), mask, "token-mean")
+        metrics["rollout/logp_gap"] = gap.item()
     return q, advantages, metrics
 
 
@@ -669,48 +613,12 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
 
 # ==============================================================================================
 # Setup and the loop (Algorithm 1)
-def load_task(args):
-    """(model path, tokenizer, training stream, eval rows, data counts). Files are opened and the
-    eval rows read and validated before the embedded model is built, so a bad file fails in
-    seconds; training rows are checked as they are drawn (data.RowStream)."""
-    import bootstrap
-    from transformers import AutoTokenizer
-    train = data.open_files(args.data, "train", args.skip_bad_rows) if args.data and not args.eval_only else []
-    evals = data.load_rows(data.data_files(args.eval_data, "validation"), args.skip_bad_rows) if args.eval_data \
-        else None
-    if any(f.has_code_rows() for f in train) or any(r["ability"] == "code" for r in (evals or ([], []))[0]):
-        try:  # generated code runs sandboxed, or not at all unless the user says otherwise
-            verifier.require_sandbox(args.allow_unsandboxed_code)
-        except verifier.SandboxUnavailable as e:
-            raise cli.UsageError(str(e)) from None
-    model_path = args.model or bootstrap.embedded_model(os.path.expanduser(args.cache_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    main_rank, counts = distributed.rank() == 0, {}
-    if evals:
-        eval_rows, counts = data.drop_long_prompts(tokenizer, *evals, args.max_prompt_len, main_rank)
-    else:
-        eval_rows = data.embedded_eval_rows(args.eval_size)
-    if not train:
-        return model_path, tokenizer, data.AdditionStream(args.seed, eval_rows), eval_rows, counts
-    counts["data/train_rows"] = sum(map(len, train))
-    if main_rank:
-        print(f"data (train): {counts['data/train_rows']} rows in {len(train)} files, checked as they are drawn "
-              f"(bad rows and prompts longer than --max-prompt-len are counted in metrics.jsonl)")
-    stream = data.RowStream(train, args.seed, tokenizer, args.max_prompt_len, args.skip_bad_rows)
-    return model_path, tokenizer, stream, eval_rows, counts
-
-
 def run_eval(engine, tokenizer, rows, args, state, step, run_dir):
     """Evaluate the engine's policy, record it in eval.json / eval.md, return the metrics to log."""
     result = rollout.evaluate(engine, tokenizer, rows, args.eval_samples, args.eval_temperature,
                               args.eval_top_p, allow_unsandboxed=args.allow_unsandboxed_code)
     state.evals.append({"step": step, **result})
-    if distributed.rank() == 0:
-        how = "greedy" if args.eval_temperature == 0 else \
-            f"avg@{args.eval_samples}, T={args.eval_temperature}, top_p={args.eval_top_p}"
-        report = checkpoint.write_eval_report(run_dir, state.evals, how)
-        if args.eval_only:
-            print(report)
+    checkpoint.write_eval_report(run_dir, state.evals, args, show=args.eval_only)
     per_source = {f"eval/accuracy/{source}": acc for source, acc in result["per_source"].items()}
     return {"eval/accuracy": result["accuracy"], **per_source}
 
@@ -720,14 +628,14 @@ def main(args: Args, given=None):
     from tqdm import tqdm
     args = cli.resolve(args, given)  # every flag, file and folder checked before any work
     rank, world, device = distributed.init()
-    model_path, tokenizer, stream, eval_rows, data_counts = load_task(args)
+    model_path, tokenizer, stream, eval_rows, data_counts = data.load_task(args, bootstrap.embedded_model)
     run_dir = checkpoint.start(args, os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     resume_from = checkpoint.checkpoints(run_dir)[-1] if args.resume else None
     engine = rollout.make_engine(args, model_path, tokenizer, device)
     if args.eval_only:  # no training: only the rollout engine is needed
         state = checkpoint.TrainState(stream, args.seed, rank)
         return {"engine": engine, "eval": run_eval(engine, tokenizer, eval_rows, args, state, 0, run_dir)}
-    models = make_optimizers(args, *setup_models(args, model_path, device, resume_from))
+    models = setup_models(args, model_path, device, resume_from)
     engine.sync(models.policy)  # step 0 too: checks that every engine weight is loaded from the policy
     # One seed drives sampling, data order and shuffles, set after the models are built (building
     # the embedded model consumes random numbers only on its first run): a rerun with the same

@@ -34,14 +34,6 @@ def stop_tokens(generation_config, tokenizer):
     return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
-def left_pad(seqs, pad_id):
-    """Token-id lists -> input_ids, attention_mask [B, max len], padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
-    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    return ids, attn
-
-
 def response_mask(responses, eos_ids):
     """1 up to and including the first EOS of each sampled response [B, R], 0 after it (where
     generate() pads). The EOS is kept: ending the answer is an action the policy is credited for.
@@ -82,7 +74,7 @@ class HFRollout:
         distribution it was drawn from, or None if greedy). temperature and top_p default to the
         training rollout's."""
         from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-        ids, attn = left_pad(prompts, self.pad_id)
+        ids, attn = data.left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         temperature = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p

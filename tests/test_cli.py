@@ -110,7 +110,7 @@ def test_code_rows_without_a_sandbox_are_refused_unless_allowed(monkeypatch, tmp
     path.write_text(json.dumps(code_row) + "\n")
     monkeypatch.setattr(bootstrap, "embedded_model", lambda *a, **k: pytest.fail("the warm-up started"))
     for flag in ("data", "eval_data"):
-        with pytest.raises(cli.UsageError, match="--allow-unsandboxed-code"):  # at start, before any work
+        with pytest.raises(data.DataError, match="--allow-unsandboxed-code"):  # at start, before any work
             prime.main(prime.Args(**{flag: str(path)}, run_dir=str(tmp_path / "run")))
     out = prime.main(prime.Args(model=tiny_model_dir, eval_data=str(path), eval_only=True, max_response_len=4,
                                 allow_unsandboxed_code=True, run_dir=str(tmp_path / "allowed")))

@@ -51,7 +51,7 @@ def one_step(model_dir, rank, world, loss_agg):
     """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights."""
     args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS, micro_batch_size=2,
                       loss_agg=loss_agg, beta=0.5, prm_model=os.path.join(model_dir, "perturbed-prm"))
-    policy, prm, ref = prime.setup_models(args, model_dir, torch.device("cpu"))
+    policy, prm, ref, *_ = prime.setup_models(args, model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, responses, outcome = fixed_batch()
     share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)

@@ -160,7 +160,7 @@ def ragged_batch():
     """6 responses of 1-4 tokens after prompts of 2-4 tokens: micro-batches can cut padding."""
     prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10], [1, 11], [1, 12], [1, 13, 14]]
     responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29], [30], [31, 32]]
-    return prime.collate(prompts, responses, pad_id=0)
+    return data.collate(prompts, responses, pad_id=0)
 
 
 # (micro-batch size, token budget): by count, one response each, and by tokens (a budget of 12
@@ -194,7 +194,7 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(tiny_model_dir, agg
 
 def test_token_budget_packs_sorted_responses_and_cuts_padding():
     batch = ragged_batch()  # prompt + response lengths: 6, 3, 6, 6, 3, 5
-    splits = list(prime.micro_batches(batch, torch.arange(6), max_count=6, max_tokens=12))
+    splits = list(data.micro_batches(batch, torch.arange(6), max_count=6, max_tokens=12))
     # longest first; 0 and 2 together would be 2 x (4 + 3) = 14 padded tokens; 5 and 1: 2 x (3 + 2) = 10
     assert [idx.tolist() for idx, *_ in splits] == [[0], [2], [3], [5, 1], [4]]
     for idx, ids, attn, r in splits:
@@ -373,7 +373,7 @@ def test_implicit_reward_is_the_models_log_ratio_at_temperature_1(tiny_model_dir
     prm_dir = perturbed_copy(tiny_model_dir, tmp_path / "prm")
     args = prime.Args(model=tiny_model_dir, prm_model=prm_dir, samples_per_prompt=2, temperature=0.7, kl_coef=0.1,
                       mini_batch_size=6, micro_batch_size=3)
-    policy, prm, ref = prime.setup_models(args, tiny_model_dir, torch.device("cpu"))
+    policy, prm, ref, *_ = prime.setup_models(args, tiny_model_dir, torch.device("cpu"))
     models = prime.Models(policy, prm, ref, torch.optim.SGD(policy.parameters(), lr=0.0),
                           torch.optim.SGD(prm.parameters(), lr=0.0))
     batch = ragged_batch()
@@ -410,7 +410,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp_
     prompts = data.prompt_token_ids(tokenizer, data.addition_rows(64, 0))
     torch.manual_seed(0)
     responses, engine_logps = engine.generate(prompts)
-    batch = prime.collate(prompts, responses, engine.pad_id)
+    batch = data.collate(prompts, responses, engine.pad_id)
     trainer = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
                                      prime.Args(micro_batch_size=64), {1.0})[1.0]
     R = batch[2].shape[1]
@@ -428,7 +428,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
     for checkpointing in (False, True):
         args = prime.Args(model=tiny_model_dir, no_prm=True, gradient_checkpointing=checkpointing,
                           mini_batch_size=6, micro_batch_size=3, grad_clip=1e9)
-        policy, _, _ = prime.setup_models(args, tiny_model_dir, torch.device("cpu"))
+        policy, *_ = prime.setup_models(args, tiny_model_dir, torch.device("cpu"))
         assert policy.is_activation_checkpointing == checkpointing
         before = weights(policy)
         prime.update_policy(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, None, None, advantages,

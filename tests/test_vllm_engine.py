@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import data
 import prime
 import rollout
 
@@ -65,7 +66,7 @@ def fake_vllm(monkeypatch):
 def make_engine(model_dir, **flags):
     args = prime.Args(model=model_dir, rollout="vllm", seed=5, max_prompt_len=100, max_response_len=20, temperature=0.7,
                       **flags)
-    policy, _, _ = prime.setup_models(prime.Args(model=model_dir, no_prm=True), model_dir, torch.device("cpu"))
+    policy, *_ = prime.setup_models(prime.Args(model=model_dir, no_prm=True), model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return rollout.VLLMRollout(model_dir, tokenizer, args), policy, tokenizer
 
@@ -107,7 +108,7 @@ def test_generate_returns_responses_and_their_logprobs(fake_vllm, tiny_model_dir
 
 
 def test_hf_sync_refuses_a_partial_load(tiny_model_dir):
-    policy, _, _ = prime.setup_models(prime.Args(model=tiny_model_dir, no_prm=True), tiny_model_dir, torch.device("cpu"))
+    policy, *_ = prime.setup_models(prime.Args(model=tiny_model_dir, no_prm=True), tiny_model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, max_response_len=4)
     engine.model.register_buffer("extra", torch.zeros(1))  # a weight the policy does not have
@@ -137,7 +138,7 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio(fa
     engine, _, _ = make_engine(tiny_model_dir)
     prompts = [[1, 2, 3], [4, 5]]
     responses, _ = engine.generate(prompts)
-    batch = prime.collate(prompts, responses, engine.pad_id)
+    batch = data.collate(prompts, responses, engine.pad_id)
     trainer = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
                                      prime.Args(micro_batch_size=2), {1.0})[1.0]
     engine_logp = trainer - torch.tensor([[-1.0, 0.5, 0.0], [0.2, -0.8, 1.0]])  # ratios e, 0.6, 1; 0.8, 2.2, 0.4
