@@ -51,11 +51,11 @@ def build_model(tokenizer, seed: int):
     return model
 
 
-def sft_batch(tokenizer, pairs):
+def sft_batch(tokenizer, pairs, digits=3):
     """Prompt + worked solution + EOS; labels only on the solution and EOS (-100 elsewhere)."""
-    prompts = data.prompt_token_ids(tokenizer, [data.addition_row(a, b) for a, b in pairs])
-    targets = [tokenizer(data.addition_solution(a, b), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for a, b in pairs]
+    prompts = data.prompt_token_ids(tokenizer, [data.addition_row(a, b, digits) for a, b in pairs])
+    targets = [tokenizer(data.addition_solution(a, b, digits), add_special_tokens=False)["input_ids"]
+               + [tokenizer.eos_token_id] for a, b in pairs]
     width = max(len(p) + len(t) for p, t in zip(prompts, targets))
     ids, labels, attn = [], [], []
     for p, t in zip(prompts, targets):
@@ -66,22 +66,24 @@ def sft_batch(tokenizer, pairs):
     return torch.tensor(ids), torch.tensor(attn), torch.tensor(labels)
 
 
-def warm_up(model, tokenizer, target: float, seed: int, max_steps=1000, batch_size=128, lr=1e-3, check_every=10):
+def warm_up(model, tokenizer, target: float, seed: int, digits=3, max_steps=1000, batch_size=128, lr=1e-3,
+            check_every=10):
     """Supervised steps on fresh problems until greedy validation accuracy >= target."""
     from tqdm import tqdm
-    valid = data.addition_rows(300, data.VALID_SEED)
-    exclude = frozenset(data.addition_pairs(500, data.EVAL_SEED)) | frozenset(data.addition_pairs(300, data.VALID_SEED))
-    stream = iter(data.addition_pairs(max_steps * batch_size, seed, exclude))
+    valid = data.addition_rows(300, data.VALID_SEED, digits=digits)
+    exclude = frozenset(data.addition_pairs(500, data.EVAL_SEED, digits=digits)) | \
+        frozenset(data.addition_pairs(300, data.VALID_SEED, digits=digits))
+    stream = iter(data.addition_pairs(max_steps * batch_size, seed, exclude, digits))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     acc, bar = 0.0, tqdm(range(1, max_steps + 1), desc=f"warm-up (until {target:.0%} right)", dynamic_ncols=True)
     for step in bar:
-        ids, attn, labels = sft_batch(tokenizer, [next(stream) for _ in range(batch_size)])
+        ids, attn, labels = sft_batch(tokenizer, [next(stream) for _ in range(batch_size)], digits)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % check_every == 0:
-            engine = rollout.HFRollout(model, tokenizer, max_response_len=48)
+            engine = rollout.HFRollout(model, tokenizer, max_response_len=data.solution_tokens(digits))
             acc = rollout.evaluate(engine, tokenizer, valid, progress=False)["accuracy"]
             model.requires_grad_(True)
             model.train()
@@ -93,17 +95,19 @@ def warm_up(model, tokenizer, target: float, seed: int, max_steps=1000, batch_si
     return acc
 
 
-def embedded_model(cache_dir: str, target: float = 0.3, seed: int = 0) -> str:
-    """Path of the cached embedded model, building it first if needed (atomic: a crash mid-build
-    leaves no half-written model behind)."""
-    path = os.path.join(cache_dir, f"embedded-addition-{VERSION}-seed{seed}-target{target}")
+def embedded_model(cache_dir: str, target: float = 0.3, seed: int = 0, digits: int = 3) -> str:
+    """Path of the cached embedded model of the `digits`-digit task, building it first if needed
+    (atomic: a crash mid-build leaves no half-written model behind)."""
+    name = f"embedded-addition-{VERSION}-seed{seed}-target{target}" + (f"-digits{digits}" if digits != 3 else "")
+    path = os.path.join(cache_dir, name)
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     print(f"building the embedded default model in {path} (once)")
-    train_text = [data.addition_question(a, b) + data.addition_solution(a, b) for a, b in data.addition_pairs(2000, seed)]
+    train_text = [data.addition_question(a, b) + data.addition_solution(a, b, digits)
+                  for a, b in data.addition_pairs(2000, seed, digits=digits)]
     tokenizer = build_tokenizer(train_text + [CHAT_TEMPLATE] + SPECIAL)
     model = build_model(tokenizer, seed)
-    warm_up(model, tokenizer, target, seed)
+    warm_up(model, tokenizer, target, seed, digits)
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -112,5 +116,6 @@ def embedded_model(cache_dir: str, target: float = 0.3, seed: int = 0) -> str:
     return path
 
 
-if __name__ == "__main__":
-    print(embedded_model(os.path.expanduser("~/.cache/prime")))
+if __name__ == "__main__":  # python bootstrap.py [DIGITS]: build (or find) the cached model
+    import sys
+    print(embedded_model(os.path.expanduser("~/.cache/prime"), digits=int(sys.argv[1]) if sys.argv[1:] else 3))

@@ -8,6 +8,7 @@ file and what to do, exit code 2, no traceback (`run`). Tracebacks are for bugs.
 """
 import argparse
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import fields, replace
@@ -67,6 +68,8 @@ def resolve(args, given=None):
     elif args.run_dir and checkpoint.run_files(args.run_dir) and not args.overwrite:
         raise UsageError(f"--run-dir {args.run_dir} already holds a run: continue it with --resume, replace it "
                          f"with --overwrite, or choose another --run-dir")
+    if args.max_response_len == 0:  # what the task needs: args.json records the number
+        args = replace(args, max_response_len=1024 if args.data else data.solution_tokens(args.task_digits))
     check(args)
     return args
 
@@ -101,6 +104,8 @@ def check(args):
          "greedy evaluation (--eval-temperature 0) gives one answer per problem: use --eval-samples 1 or a "
          "temperature > 0"),
         (args.granularity == "step" and not args.step_separator, "--granularity step needs a --step-separator"),
+        (not args.data and not 1 <= args.task_digits <= 12, "--task-digits must be between 1 and 12"),
+        (args.credit == "min" and args.gamma != 1, "--credit min takes no discount: leave --gamma at 1"),
         (args.rloo_variant != "official" and args.estimator != "rloo",
          f"--rloo-variant {args.rloo_variant} has no effect with --estimator {args.estimator} (RLOO only)"),
         (args.vllm_sleep and args.rollout != "vllm", "--vllm-sleep has no effect without --rollout vllm"),
@@ -118,6 +123,11 @@ def check(args):
         problems.append((path and not os.path.isfile(os.path.join(path, "config.json")),
                          f"{flag} {path}: not a model folder (no config.json); give a folder written by "
                          f"save_pretrained, e.g. from `huggingface-cli download ORG/NAME --local-dir DIR`"))
+    configs = [os.path.join(path, "config.json") for path in (args.model, args.prm_model) if path]
+    if len(configs) == 2 and all(map(os.path.isfile, configs)):
+        vocab = [json.load(open(c)).get("vocab_size") for c in configs]
+        problems.append((vocab[0] != vocab[1], f"--prm-model {args.prm_model}: vocabulary of {vocab[1]} tokens, the "
+                         f"policy's {vocab[0]}: the implicit PRM must share the policy's tokenizer"))
     problems.append((args.model and os.path.isfile(os.path.join(args.model, "config.json")) and not any(
         os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")),
         f"--model {args.model}: no tokenizer in the folder (tokenizer.json or tokenizer_config.json): save the "

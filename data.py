@@ -31,58 +31,93 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The built-in task: 3-digit addition with a worked solution
+# The built-in task: N-digit addition (3 by default) with a worked solution, one step per column
+STEP_SEPARATOR = ","  # ends each step of a worked solution
+
+
 def addition_question(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-def addition_solution(a: int, b: int) -> str:
+def addition_solution(a: int, b: int, digits: int = 3) -> str:
     """Column addition, least significant digit first: '345+678=' ->
     '5+8=13,4+7+1=12,3+6+1=10,\\boxed{1023}'. Each step is one digit column plus the carry, so a
-    wrong answer has a first wrong step: the token-level credit a process reward can give."""
+    wrong answer has a first wrong step: the token-level credit a process reward can give. An
+    early mistake decides the outcome (its carry runs through every later column)."""
     steps, carry = [], 0
-    for da, db in zip(reversed(f"{a:03d}"), reversed(f"{b:03d}")):
+    for da, db in zip(reversed(f"{a:0{digits}d}"), reversed(f"{b:0{digits}d}")):
         s = int(da) + int(db) + carry
         steps.append(f"{da}+{db}" + (f"+{carry}" if carry else "") + f"={s}")
         carry = s // 10
-    return ",".join(steps) + f",\\boxed{{{a + b}}}"
+    return STEP_SEPARATOR.join(steps) + f"{STEP_SEPARATOR}\\boxed{{{a + b}}}"
 
 
-def addition_row(a: int, b: int) -> dict:
-    return {"data_source": "embedded/addition", "ability": "math",
+def solution_tokens(digits: int) -> int:
+    """Tokens a worked solution and its EOS may take (48 for 3 digits, --max-response-len's default)."""
+    return 10 * digits + 18
+
+
+def addition_row(a: int, b: int, digits: int = 3) -> dict:
+    return {"data_source": "embedded/addition" + (f"{digits}" if digits != 3 else ""), "ability": "math",
             "prompt": [{"role": "user", "content": addition_question(a, b)}],
             "reward_model": {"ground_truth": str(a + b), "style": "rule"}}
 
 
-def addition_pairs(n: int, seed: int, exclude: frozenset = frozenset()) -> list[tuple[int, int]]:
-    """n distinct (a, b) pairs of 3-digit numbers, none in `exclude` (keeps eval problems out of
-    training: 'fresh problems of the same family')."""
-    rng, pairs = random.Random(seed), {}
+def first_wrong_step(row: dict, text: str) -> int | None:
+    """The task's step truth: for a built-in addition row, the index of the first step (separated
+    by STEP_SEPARATOR; the boxed answer is the last) where `text` departs from the worked
+    solution, or -1 if it does not; None for rows without step truth (any other data)."""
+    match = re.fullmatch(r"(\d+)\+(\d+)=", row["prompt"][-1]["content"])
+    if not row.get("data_source", "").startswith("embedded/addition") or match is None:
+        return None
+    a, b = map(int, match.groups())
+    truth = addition_solution(a, b, len(match.group(1))).split(STEP_SEPARATOR)
+    steps = text.split(STEP_SEPARATOR)
+    first = next((i for i in range(max(len(truth), len(steps)))
+                  if i >= len(truth) or i >= len(steps) or steps[i] != truth[i]), -1)
+    return min(first, len(steps) - 1)  # a response that stops early went wrong in its last step
+
+
+def step_truth(tokenizer, rows, responses, width):
+    """(step ends [B, width], first wrong step [B], -1 where none) of `responses` (token-id lists)
+    to `rows`, steps split at STEP_SEPARATOR; None if no row has step truth."""
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    first = [first_wrong_step(row, text) for row, text in zip(rows, texts)]
+    if all(f is None for f in first):
+        return None
+    return step_end_mask(tokenizer, responses, STEP_SEPARATOR, width), torch.tensor([-1 if f is None else f
+                                                                                     for f in first])
+
+
+def addition_pairs(n: int, seed: int, exclude: frozenset = frozenset(), digits: int = 3) -> list[tuple[int, int]]:
+    """n distinct (a, b) pairs of `digits`-digit numbers, none in `exclude` (keeps eval problems
+    out of training: 'fresh problems of the same family')."""
+    rng, pairs, lo, hi = random.Random(seed), {}, 10 ** (digits - 1), 10 ** digits - 1
     while len(pairs) < n:
-        pair = (rng.randint(100, 999), rng.randint(100, 999))
+        pair = (rng.randint(lo, hi), rng.randint(lo, hi))
         if pair not in exclude:
             pairs[pair] = None  # a dict keeps insertion order, so the list is seed-deterministic
     return list(pairs)
 
 
-def addition_rows(n: int, seed: int, exclude: frozenset = frozenset()) -> list[dict]:
-    return [addition_row(a, b) for a, b in addition_pairs(n, seed, exclude)]
+def addition_rows(n: int, seed: int, exclude: frozenset = frozenset(), digits: int = 3) -> list[dict]:
+    return [addition_row(a, b, digits) for a, b in addition_pairs(n, seed, exclude, digits)]
 
 
 # Fixed seeds keep the held-out set identical across runs, so eval numbers are comparable.
 EVAL_SEED, VALID_SEED = 1234, 4321
 
 
-def embedded_eval_rows(n: int) -> list[dict]:
-    return addition_rows(n, EVAL_SEED)
+def embedded_eval_rows(n: int, digits: int = 3) -> list[dict]:
+    return addition_rows(n, EVAL_SEED, digits=digits)
 
 
 class AdditionStream:
     """An endless stream of fresh training problems, never one of the held-out eval problems."""
     counts = {}  # nothing to skip or drop (see RowStream)
 
-    def __init__(self, seed: int, eval_rows: list[dict]):
-        self.rng = random.Random(seed)
+    def __init__(self, seed: int, eval_rows: list[dict], digits: int = 3):
+        self.rng, self.digits = random.Random(seed), digits
         self.exclude = {row["prompt"][-1]["content"] for row in eval_rows}
 
     def state_dict(self) -> dict:  # the data position, for exact resume
@@ -92,11 +127,11 @@ class AdditionStream:
         self.rng.setstate(state["rng"])
 
     def take(self, n: int) -> list[dict]:
-        rows = []
+        rows, lo, hi = [], 10 ** (self.digits - 1), 10 ** self.digits - 1
         while len(rows) < n:
-            a, b = self.rng.randint(100, 999), self.rng.randint(100, 999)
+            a, b = self.rng.randint(lo, hi), self.rng.randint(lo, hi)
             if addition_question(a, b) not in self.exclude:
-                rows.append(addition_row(a, b))
+                rows.append(addition_row(a, b, self.digits))
         return rows
 
 
@@ -309,11 +344,11 @@ def load_task(args, embedded_model):
             verifier.require_sandbox(args.allow_unsandboxed_code)
         except verifier.SandboxUnavailable as e:
             raise DataError(str(e)) from None
-    model_path = args.model or embedded_model(os.path.expanduser(args.cache_dir))
+    model_path = args.model or embedded_model(os.path.expanduser(args.cache_dir), digits=args.task_digits)
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     verbose = int(os.environ.get("RANK", 0)) == 0
     return model_path, tokenizer, *task_streams(train, evals, tokenizer, args.seed, args.max_prompt_len,
-                                                args.skip_bad_rows, args.eval_size, verbose)
+                                                args.skip_bad_rows, args.eval_size, args.task_digits, verbose)
 
 
 def open_task(train: str, evals: str, skip_bad_rows: bool = False):
@@ -327,7 +362,7 @@ def has_code_rows(train, evals) -> bool:
     return any(f.has_code_rows() for f in train) or any(r["ability"] == "code" for r in (evals or ([], []))[0])
 
 
-def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, eval_size, verbose=True):
+def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, eval_size, digits=3, verbose=True):
     """(training stream, eval rows, counts for the step-0 metrics): RowStream over the training
     files, or the built-in addition without them; the eval rows whose prompts fit, or the
     built-in held-out problems."""
@@ -335,9 +370,9 @@ def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, e
     if evals:
         eval_rows, counts = drop_long_prompts(tokenizer, *evals, max_prompt_len, verbose)
     else:
-        eval_rows = embedded_eval_rows(eval_size)
+        eval_rows = embedded_eval_rows(eval_size, digits)
     if not train:
-        return AdditionStream(seed, eval_rows), eval_rows, counts
+        return AdditionStream(seed, eval_rows, digits), eval_rows, counts
     counts["data/train_rows"] = sum(map(len, train))
     if verbose:
         print(f"data (train): {counts['data/train_rows']} rows in {len(train)} files, checked as they are drawn "
@@ -429,3 +464,16 @@ def micro_batches(batch, rows, max_count, max_tokens=0, reduce=lambda x, op: x):
 def padded(x, R):
     """[b, r] -> [b, R], zeros on the right: a micro-batch's values back at the batch's width."""
     return torch.nn.functional.pad(x, (0, R - x.shape[1]))
+
+
+def training_batch(groups, tokenizer, args, pad_id, device):
+    """What prime.prime_step takes for a step's kept groups (prime.Groups): the collated batch, the
+    engine's log-probs [B, R] (or None), the --granularity step ends, the task's step truth."""
+    batch = tuple(t.to(device) for t in collate(groups.prompts, groups.responses, pad_id))
+    R = batch[2].shape[1]
+    engine_logp = None if None in groups.engine_logps else torch.tensor(
+        [lp + [0.0] * (R - len(lp)) for lp in groups.engine_logps], device=device)
+    step_ends = step_end_mask(tokenizer, groups.responses, args.step_separator, R).to(device) \
+        if args.granularity == "step" else None
+    truth = step_truth(tokenizer, groups.rows, groups.responses, R)
+    return batch, engine_logp, step_ends, truth and tuple(t.to(device) for t in truth)

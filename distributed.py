@@ -1,4 +1,5 @@
-"""One process, or one per GPU under torchrun: the process group, FSDP2 sharding, the collectives.
+"""One process, or one per GPU under torchrun: the process group, PRIME's models sharded with FSDP2,
+the collectives.
 
     python prime.py                        # one process on cuda:0 or the CPU, plain models
     torchrun --nproc_per_node=8 prime.py   # one process per GPU (NCCL); gloo on CPU for tests
@@ -8,6 +9,7 @@ The math in prime.py takes `reduce(x, op)` for batch-wide statistics: `all_reduc
 the identity in one process, so results do not depend on the number of GPUs.
 """
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,38 @@ def shutdown():
     if dist.is_initialized():
         dist.barrier()  # no rank tears the process group down while another still uses it
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# PRIME's three models: policy (trained), implicit PRM (trained), reference (frozen)
+class Models(NamedTuple):
+    policy: torch.nn.Module
+    prm: torch.nn.Module | None  # None: outcome-only
+    ref: torch.nn.Module | None  # None: no frozen reference needed
+    policy_opt: torch.optim.Optimizer
+    prm_opt: torch.optim.Optimizer | None
+
+    def trained(self):
+        """What a checkpoint saves: {"policy": (model, optimizer), "prm": (model, optimizer) or None}."""
+        prm = (self.prm, self.prm_opt) if self.prm is not None else None
+        return {"policy": (self.policy, self.policy_opt), "prm": prm}
+
+
+def setup_models(args, model_path, device, checkpoint_dir=None):
+    """Models(policy, PRM, reference, their optimizers) from one checkpoint (policy and PRM from
+    `checkpoint_dir` when resuming); the PRM starts as the policy unless --prm-model."""
+    load = lambda path, trained=True: load_model(path, device, trained, args.gradient_checkpointing)
+    saved = lambda name: os.path.join(checkpoint_dir, name) if checkpoint_dir else None
+    policy = load(saved("policy") or model_path)
+    use_prm = not args.no_prm and args.process_reward_coef != 0
+    prm = load(saved("prm") or args.prm_model or model_path) if use_prm else None  # (vocabulary: cli.check)
+    # The PRM's reference and the KL term need the frozen initial model; --reference policy
+    # reuses the policy's own pre-update log-probs and needs no extra copy.
+    need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
+    ref = load(model_path, trained=False) if need_ref else None
+    adamw = lambda model, lr, decay: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+    return Models(policy, prm, ref, adamw(policy, args.lr, args.weight_decay),
+                  adamw(prm, args.prm_lr, args.prm_weight_decay) if use_prm else None)
 
 
 def load_model(path, device, trained=True, checkpointing=False):

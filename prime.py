@@ -35,7 +35,7 @@ import data
 import distributed
 import rollout
 from data import collate, padded
-from distributed import add_count, all_reduce, scalar
+from distributed import Models, add_count, all_reduce, scalar, setup_models
 
 
 def arg(default, help, **kw):
@@ -49,6 +49,8 @@ class Args:
     data: str = arg("", "comma-separated Eurus-2-style .parquet or .jsonl files; '' = built-in addition")
     eval_data: str = arg("", "comma-separated .parquet or .jsonl eval files; '' = built-in held-out addition")
     eval_size: int = arg(500, "number of built-in held-out problems (ignored with --eval-data)")
+    task_digits: int = arg(3, "digits of the built-in addition (one worked step per column); its embedded "
+                              "model is built once per value")
     skip_bad_rows: bool = arg(False, "skip (and count) malformed data rows instead of stopping at the first")
     allow_unsandboxed_code: bool = arg(False, "score code rows where the bubblewrap sandbox cannot start: "
                                               "generated code then runs as you, with resource limits only")
@@ -67,7 +69,8 @@ class Args:
     prompts_per_step: int = arg(64, "prompt groups trained on per step (after filtering)")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt (RLOO needs K >= 2)")
     max_prompt_len: int = arg(1024, "prompts longer than this (tokens) are dropped")
-    max_response_len: int = arg(48, "max new tokens per response")
+    max_response_len: int = arg(0, "max new tokens per response; 0 = 1024 with --data, else what the built-in "
+                                   "task's worked solutions take (48 at 3 digits)")
     temperature: float = arg(0.7, "sampling temperature, also divides the trainer's logits (paper: 1.0; the "
                                   "tiny embedded model samples 7%% right at 1.0 vs 46%% greedy, 24%% at 0.7)")
     top_p: float = arg(1.0, "nucleus sampling")
@@ -106,6 +109,8 @@ class Args:
     rloo_variant: str = arg("official", "RLOO scaling: official code, or the paper's Eq. 5",
                                         choices=["official", "paper"])
     gamma: float = arg(1.0, "discount of the process-reward return")
+    credit: str = arg("sum", "process return: the sum of future process rewards (PRIME) or their minimum "
+                             "(PURE's min-form, arXiv 2504.15275)", choices=["sum", "min"])
     whiten: bool = arg(True, "whiten advantages over the batch (official; --no-whiten: raw advantages)")
     lr: float = arg(5e-5, "policy AdamW learning rate (paper: 5e-7 at 7B)")
     weight_decay: float = arg(0.01, "policy AdamW weight decay")
@@ -265,6 +270,17 @@ def discounted_returns(rewards, mask, gamma=1.0):
     return returns * mask
 
 
+def min_returns(rewards, mask, ends=None):
+    """Min-form credit (PURE, Cheng et al. 2025, arXiv 2504.15275): G_t = min_{s >= t} r_s over the
+    positions that carry a reward (`ends`: every valid token, or each step's last), instead of
+    the sum of Eq. 5: a trajectory is worth its worst future step, so one step the PRM rates
+    highly cannot inflate it. 0 where no rewarded position follows. [B, R] -> [B, R]."""
+    ends = mask if ends is None else ends * mask
+    big = torch.finfo(rewards.dtype).max
+    future_min = torch.where(ends > 0, rewards, big).flip(-1).cummin(-1).values.flip(-1)
+    return torch.where((mask > 0) & (future_min < big), future_min, torch.zeros_like(rewards))
+
+
 def masked_whiten(values, mask, reduce=_local):
     """(x - mean) / sqrt(var + 1e-8) over valid tokens of the whole batch, unbiased variance (as
     veRL's masked_whiten); 0 off-mask. [B, R] -> [B, R]."""
@@ -276,14 +292,15 @@ def masked_whiten(values, mask, reduce=_local):
 
 
 def prime_advantages(process_rewards, outcome, mask, k, gamma=1.0, variant="official", whiten=True,
-                     reduce=_local, estimator="rloo"):
+                     reduce=_local, estimator="rloo", credit="sum", reward_ends=None):
     """PRIME's advantage (Eq. 5, as the official code computes it), [B, R].
 
     The outcome [B] sits on the last valid token; a baseline is applied to each reward source on
     its own (outcome over that one token, process rewards over all valid tokens); each becomes a
     return (outcome undiscounted, so every token carries it); the two are summed and whitened.
     estimator: rloo (Eq. 5), grpo (Eq. 7) or reinforce (no baseline, Eq. 8: A_t = r_o +
-    sum_{s>=t} gamma^(s-t) r_s). process_rewards=None gives the outcome-only baseline.
+    sum_{s>=t} gamma^(s-t) r_s). process_rewards=None gives the outcome-only baseline. credit
+    "min": the process return is min_returns (over `reward_ends`), not the discounted sum.
     grpo departs from the literal Eq. 7 on the process rewards: they are centred by the group mean
     but not divided by its std. That std of per-response mean process rewards is tiny (~0.0035 on
     the embedded task), so z-scored per-token rewards summed over ~30 tokens made the process
@@ -295,7 +312,9 @@ def prime_advantages(process_rewards, outcome, mask, k, gamma=1.0, variant="offi
     last = last_token_mask(mask)
     adv = discounted_returns(baselines[0](outcome[:, None] * last, last), mask, 1.0)
     if process_rewards is not None:
-        adv = adv + discounted_returns(baselines[1](process_rewards, mask), mask, gamma)
+        baselined = baselines[1](process_rewards, mask)
+        adv = adv + (discounted_returns(baselined, mask, gamma) if credit == "sum" else
+                     min_returns(baselined, mask, reward_ends))
     return masked_whiten(adv, mask, reduce) if whiten else adv * mask
 
 
@@ -356,45 +375,24 @@ def pairwise_accuracy(scores, outcome, k, reduce=_local):
     return agreed / pairs if pairs > 0 else float("nan")
 
 
-# ==============================================================================================
-# Models: policy (trained), implicit PRM (trained) and reference (frozen), from one checkpoint
-class Models(NamedTuple):
-    policy: torch.nn.Module
-    prm: torch.nn.Module | None  # None: outcome-only
-    ref: torch.nn.Module | None  # None: no frozen reference needed
-    policy_opt: torch.optim.Optimizer
-    prm_opt: torch.optim.Optimizer | None
-
-    def trained(self):
-        """What a checkpoint saves: {"policy": (model, optimizer), "prm": (model, optimizer) or None}."""
-        prm = (self.prm, self.prm_opt) if self.prm is not None else None
-        return {"policy": (self.policy, self.policy_opt), "prm": prm}
-
-
-def setup_models(args, model_path, device, checkpoint_dir=None):
-    """Models(policy, PRM, reference, their optimizers) from one checkpoint (policy and PRM from
-    `checkpoint_dir` when resuming); the PRM starts as the policy unless --prm-model."""
-    load = lambda path, trained=True: distributed.load_model(path, device, trained,
-                                                             args.gradient_checkpointing)
-    saved = lambda name: os.path.join(checkpoint_dir, name) if checkpoint_dir else None
-    policy = load(saved("policy") or model_path)
-    use_prm = not args.no_prm and args.process_reward_coef != 0
-    prm = load(saved("prm") or args.prm_model or model_path) if use_prm else None
-    if prm is not None and prm.config.vocab_size != policy.config.vocab_size:
-        raise cli.UsageError(f"--prm-model {args.prm_model}: vocabulary of {prm.config.vocab_size} tokens, "
-                             f"the policy's {policy.config.vocab_size}: the PRM must share its tokenizer")
-    # The PRM's reference and the KL term need the frozen initial model; --reference policy
-    # reuses the policy's own pre-update log-probs and needs no extra copy.
-    need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
-    ref = load(model_path, trained=False) if need_ref else None
-    adamw = lambda model, lr, decay: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
-    return Models(policy, prm, ref, adamw(policy, args.lr, args.weight_decay),
-                  adamw(prm, args.prm_lr, args.prm_weight_decay) if use_prm else None)
+def first_error_hit(q, mask, step_ends, first_wrong, reduce=_local):
+    """Does the PRM blame the right step? Over the responses with a first wrong step (first_wrong
+    [B] >= 0; -1: right, or no step truth), the fraction whose lowest-reward step (q summed over
+    each step's tokens; step_ends [B, R] marks each step's last token) is that step, and what a
+    uniform pick among each response's steps would give. (nan, nan) if there are none."""
+    ends = torch.maximum(step_ends * mask, last_token_mask(mask))
+    step = (ends.cumsum(-1) - ends).long()  # [B, R]: the step of each token
+    sums = torch.zeros_like(q).scatter_add_(-1, step, q * mask)
+    n_steps = ends.sum(-1)
+    sums = torch.where(torch.arange(q.shape[1], device=q.device) < n_steps[:, None], sums, torch.inf)
+    wrong = (first_wrong >= 0).to(q.dtype)
+    hits = (sums.argmin(-1) == first_wrong).to(q.dtype) * wrong
+    chance = wrong / n_steps.clamp(min=1)
+    hit, chance, n = reduce(torch.stack([hits.sum(), chance.sum(), wrong.sum()]), "sum")
+    return (hit.item() / n.item(), chance.item() / n.item()) if n > 0 else (float("nan"), float("nan"))
 
 
-def micro_batches(batch, rows, args):
-    """data.micro_batches under --micro-batch-size and --max-tokens-per-micro-batch, with as many
-    forwards on every rank (under FSDP each forward is a collective)."""
+def micro_batches(batch, rows, args):  # as many forwards on every rank: under FSDP each is a collective
     return data.micro_batches(batch, rows, args.micro_batch_size, args.max_tokens_per_micro_batch, all_reduce)
 
 
@@ -449,10 +447,8 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
     sampling: the engine sampled from its own numerics, bf16 or vLLM's kernels). old_logp None:
     the update is exactly on-policy (one epoch, one mini-batch), so pi_old is this forward's own
     detached log-prob and the ratio is 1 at every token. Returns (metrics, old_logp [B, R])."""
-    ids, attn, mask = batch
-    B, R = mask.shape
-    mini, world = args.mini_batch_size // distributed.world_size(), distributed.world_size()
-    totals, count, grad_norms, losses = {}, 0, [], []
+    (B, R), world, mask = batch[2].shape, distributed.world_size(), batch[2]
+    mini, totals, count, grad_norms, losses = args.mini_batch_size // world, {}, 0, [], []
     on_policy, old_logp = old_logp is None, torch.zeros_like(mask) if old_logp is None else old_logp
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B, generator=gen).to(mask.device)
@@ -496,11 +492,9 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
 
 
 def process_coef(args, trust, accuracy, smoothing=0.9):
-    """(weight of the process return, new trust). Fixed (--process-coef), or with
-    --adaptive-process-coef scaled by how much better than chance the PRM ranks fresh responses:
-    trust, an exponential moving average of its held-out pairwise accuracy (starting at chance,
-    0.5), gives the weight coef * clip(2 trust - 1, 0, 1): nothing while the PRM is no better than
-    a coin, all at 100%."""
+    """(weight of the process return, new trust). Fixed (--process-coef), or --adaptive-process-coef:
+    trust, a moving average of the PRM's held-out pairwise accuracy (from chance, 0.5), gives the
+    weight coef * clip(2 trust - 1, 0, 1): nothing while the PRM is no better than a coin."""
     if not args.adaptive_process_coef:
         return args.process_reward_coef, trust
     if not math.isnan(accuracy):  # a batch without right/wrong pairs says nothing
@@ -508,12 +502,11 @@ def process_coef(args, trust, accuracy, smoothing=0.9):
     return args.process_reward_coef * min(max(2 * trust - 1, 0.0), 1.0), trust
 
 
-def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=None):
+def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=None, truth=None):
     """Phases 4-7 of one step on this rank's filtered batch: log-probs, PRM, advantages, policy
-    update. Batch-wide statistics are taken over all ranks. engine_logp [B, R]: the rollout
-    engine's log-probs of the sampled tokens, compared with the trainer's (a stale-weights alarm).
-    step_ends [B, R]: reasoning-step ends, for --granularity step. `state` (a TrainState) gives
-    the mini-batch order and keeps the PRM trust of --adaptive-process-coef.
+    update; batch-wide statistics over all ranks. engine_logp [B, R]: the engine's log-probs of
+    what it sampled (stale-weights alarm, --tis-cap). step_ends [B, R]: --granularity step. truth:
+    the task's (step ends, first wrong step), for prm/first_error_*. state: a TrainState.
     Returns the implicit rewards q [B, R] (None without a PRM), the advantages and the metrics."""
     policy, prm, ref, policy_opt, prm_opt = models
     mask, K, metrics = batch[2], args.samples_per_prompt, {}
@@ -537,6 +530,9 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
         metrics.update(prm_metrics)
         # held out for "after" (q is read before the PRM trains on this batch); in-sample for "before"
         metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K, all_reduce)
+        if truth is not None:  # does the PRM blame the first wrong step?
+            metrics["prm/first_error_hit"], metrics["prm/first_error_chance"] = first_error_hit(
+                q, mask, *truth, all_reduce)
         coef, state.prm_trust = process_coef(args, state.prm_trust, metrics["prm/accuracy"])
         metrics["prm/process_coef"] = coef
         r = coef * process_rewards(q, mask, args.beta, args.granularity, args.reward_norm, all_reduce,
@@ -545,8 +541,11 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
         metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
 
     # 6. advantages: RLOO of process and outcome rewards, summed, whitened over all ranks
+    last = last_token_mask(mask)  # the tokens that carry process rewards, for --credit min:
+    ends = {"token": None, "whole": last}.get(args.granularity, None if step_ends is None else
+                                              torch.maximum(step_ends * mask, last))
     advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten, all_reduce,
-                                  args.estimator)
+                                  args.estimator, args.credit, ends)
 
     # 7. PPO-clip policy update
     policy_metrics, old_logp = update_policy(policy, policy_opt, batch, old.get(T), ref_logp.get(T),
@@ -560,6 +559,14 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
 
 # ==============================================================================================
 # Sampling with the online filter (Alg. 1 lines 2-5)
+class Groups(NamedTuple):  # this rank's kept groups of a step: K responses per prompt, contiguous
+    prompts: list  # token ids, as responses
+    responses: list
+    rows: list
+    engine_logps: list  # of each response's tokens, or Nones
+    outcome: torch.Tensor  # [n]
+
+
 def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
     """Phases 1-3: sample K responses per prompt, verify, keep the groups that pass the accuracy
     filter; repeat until every rank has its quota (args.prompts_per_step / world groups), or the
@@ -567,25 +574,25 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
     batches keep FSDP's collectives in step; filter/kept_groups shows the shortfall).
     With --outcome-noise each label is flipped (o -> 1 - o, drawn from noise_gen) after it is
     counted in rollout/accuracy and before the filter: the trainer sees a contaminated verifier.
-    Returns this rank's kept prompts, responses, engine log-probs, outcome [n] and the metrics."""
+    Returns this rank's kept Groups and the metrics."""
     world = distributed.world_size()
     K, share = args.samples_per_prompt, args.prompts_per_step // world
     quota = share * K  # responses per rank
-    prompts, responses, engine_logps, outcomes, metrics = [], [], [], [], {}
+    prompts, responses, kept_rows, engine_logps, outcomes, metrics = [], [], [], [], [], {}
     sampled = torch.zeros(2, dtype=torch.float64)  # (sum of outcomes, count) on this rank
     generated, generate_seconds = 0, 0.0
     for rounds in range(1, args.max_filter_rounds + 1):
         # every rank reads the same global stream and keeps its slice, so streams stay in step
         rows = stream.take(args.prompts_per_step)[rank * share:(rank + 1) * share]
         if len(prompts) < quota:  # a rank with its quota only waits for the others
-            p_ids = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
+            p_ids, rows = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)], \
+                [row for row in rows for _ in range(K)]
             t_gen = time.time()
             r_ids, r_logps = engine.generate(p_ids)
             generate_seconds += time.time() - t_gen
             generated += sum(map(len, r_ids))
             texts = tokenizer.batch_decode(r_ids, skip_special_tokens=True)
-            outcome, reasons = rollout.outcome_rewards(texts, [row for row in rows for _ in range(K)],
-                                                       args.allow_unsandboxed_code)
+            outcome, reasons = rollout.outcome_rewards(texts, rows, args.allow_unsandboxed_code)
             for reason, count in reasons.items():
                 add_count(metrics, f"verifier/{reason}", count)
             sampled += torch.tensor([outcome.sum().item(), len(outcome)], dtype=torch.float64)
@@ -597,7 +604,8 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
             # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
             prompts += [p for p, k in zip(p_ids, keep) if k]
             responses += [r for r, k in zip(r_ids, keep) if k]
-            engine_logps += [lp for lp, k in zip(r_logps, keep) if k]
+            kept_rows += [row for row, k in zip(rows, keep) if k]
+            engine_logps += [lp for lp, k in zip(r_logps or [None] * len(keep), keep) if k]
             outcomes.append(outcome[keep])
         if all_reduce(torch.tensor(min(len(prompts), quota)), "min") >= quota:
             break
@@ -608,7 +616,8 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
                     "perf/rollout_tokens_per_s": generated / max(generate_seconds, 1e-9)})  # per rank
     add_count(metrics, "filter/kept_groups", n // K)
     add_count(metrics, "filter/shortfall_groups", (quota - n) // K)  # the official trainer samples on instead
-    return prompts[:n], responses[:n], engine_logps[:n], torch.cat(outcomes)[:n], metrics
+    groups = Groups(prompts[:n], responses[:n], kept_rows[:n], engine_logps[:n], torch.cat(outcomes)[:n])
+    return groups, metrics
 
 
 # ==============================================================================================
@@ -652,20 +661,14 @@ def main(args: Args, given=None):
         for step in bar:
             t0 = time.time()
             # 1-3. generate K responses per prompt, verify them, keep the groups with mixed outcomes
-            prompts, responses, engine_logps, outcome, metrics = sample_filtered_groups(
-                engine, stream, tokenizer, args, rank, state.noise)
-            outcome, metrics = outcome.to(device), {"step": step, **metrics}
+            groups, metrics = sample_filtered_groups(engine, stream, tokenizer, args, rank, state.noise)
+            outcome, metrics = groups.outcome.to(device), {"step": step, **metrics}
             metrics.update({f"data/train_{key}": n for key, n in stream.counts.items()})  # so far
-            if responses:  # else every group was all right or all wrong: nothing to learn this step
-                batch = tuple(t.to(device) for t in collate(prompts, responses, engine.pad_id))
-                R = batch[2].shape[1]
-                engine_logp = None if None in engine_logps else torch.tensor(
-                    [lp + [0.0] * (R - len(lp)) for lp in engine_logps], device=device)
-                step_ends = data.step_end_mask(tokenizer, responses, args.step_separator, R).to(device) \
-                    if args.granularity == "step" else None
+            if groups.responses:  # else every group was all right or all wrong: nothing to learn this step
+                batch, *extra = data.training_batch(groups, tokenizer, args, engine.pad_id, device)
                 engine.sleep()  # its memory is the trainer's until the sync below
                 # 4-7. log-probs, PRM update on outcome labels, advantages, PPO-clip policy update
-                q, _, step_metrics = prime_step(models, batch, outcome, args, state, engine_logp, step_ends)
+                q, _, step_metrics = prime_step(models, batch, outcome, args, state, *extra)
                 metrics.update(step_metrics)
                 # 8. the rollout engine samples from the new policy
                 engine.sync(models.policy)
@@ -675,7 +678,7 @@ def main(args: Args, given=None):
                 metrics["perf/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if step % args.eval_every == 0 or step == args.steps:
                 metrics.update(run_eval(engine, tokenizer, eval_rows, args, state, step, run_dir))
-                if responses:
+                if groups.responses:
                     log.samples(checkpoint.sample_records(step, tokenizer, batch, q, outcome, args.beta,
                                                           args.num_samples_logged))
             metrics = distributed.merge_metrics(distributed.gather_objects(metrics))

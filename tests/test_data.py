@@ -219,3 +219,20 @@ def test_mixed_math_and_code_batch_is_routed_to_each_verifier():
     shifted = right[2:] + right[:2]
     rewards, reasons = rollout.outcome_rewards(shifted, batch)
     assert rewards.sum() == 0 and reasons.get("no_answer", 0) > 0 and reasons.get("wrong", 0) > 0
+
+
+def test_longer_addition_and_its_step_truth():
+    assert data.addition_solution(34512, 67890, 5) == "2+0=2,1+9=10,5+8+1=14,4+7+1=12,3+6+1=10,\\boxed{102402}"
+    assert all(len(str(a)) == len(str(b)) == 5 for a, b in data.addition_pairs(50, 0, digits=5))
+    row = data.addition_row(345, 678)
+    right = data.addition_solution(345, 678)
+    assert data.first_wrong_step(row, right) == -1
+    assert data.first_wrong_step(row, "5+8=13,4+7+1=11,3+6+1=10,\\boxed{1013}") == 1  # the tens column
+    assert data.first_wrong_step(row, "5+8=13,4+7+1=12,3+6+1=10,\\boxed{1024}") == 3  # only the box
+    assert data.first_wrong_step(row, "5+8=13,4+7+1=12") == 1  # stopped early: its last step
+    assert data.first_wrong_step(dict(row, data_source="gsm8k"), right) is None  # no step truth
+    tok = bootstrap.build_tokenizer([right, bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
+    responses = [tok(text)["input_ids"] for text in (right, "5+8=13,4+7+1=11,3")]
+    ends, first = data.step_truth(tok, [row, row], responses, 40)
+    assert first.tolist() == [-1, 1] and ends[1].sum() == 2  # two commas: steps 0, 1 and the rest
+    assert data.step_truth(tok, [dict(row, data_source="x")], responses[:1], 40) is None

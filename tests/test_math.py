@@ -337,3 +337,45 @@ def test_adaptive_process_coef_fades_in_with_prm_accuracy():
     assert trust == pytest.approx(0.532) and coef == pytest.approx(2.0 * (2 * 0.532 - 1))
     assert prime.process_coef(args, trust, float("nan")) == (coef, trust)  # no pairs: no news
     assert prime.process_coef(prime.Args(process_reward_coef=0.7), trust, 0.0) == (0.7, trust)  # fixed weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Credit: PURE's min-form, and whether the PRM blames the first wrong step
+def test_min_returns_hand_worked_and_slow_loop():
+    r = torch.tensor([[0.5, -1.0, 2.0, 0.3], [1.0, 2.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    assert_close(prime.min_returns(r, mask), [[-1.0, -1.0, 0.3, 0.3], [1.0, 2.0, 0.0, 0.0]])
+    # step rewards on step ends only: the minimum over the steps still ahead
+    ends = torch.tensor([[0.0, 1, 0, 1], [0, 1, 0, 0]])
+    assert_close(prime.min_returns(r, mask, ends), [[-1.0, -1.0, 0.3, 0.3], [2.0, 2.0, 0.0, 0.0]])
+    rewards, mask = random_batch()
+    slow = torch.zeros_like(rewards)
+    for i in range(len(rewards)):
+        for t in range(int(mask[i].sum())):
+            slow[i, t] = min(rewards[i, s] for s in range(t, int(mask[i].sum())))
+    assert_close(prime.min_returns(rewards, mask), slow)
+
+
+def test_min_credit_replaces_the_sum_in_the_process_return():
+    mask = torch.ones(2, 3)
+    r = torch.tensor([[0.2, -0.4, 0.1], [0.0, 0.3, 0.3]])
+    outcome = torch.tensor([1.0, 0.0])
+    adv = lambda credit: prime.prime_advantages(r, outcome, mask, k=2, whiten=False, credit=credit)
+    base = prime.rloo(r, mask, 2)  # the process rewards after their RLOO baseline
+    outcome_only = prime.prime_advantages(None, outcome, mask, k=2, whiten=False)
+    assert_close(adv("sum") - outcome_only, prime.discounted_returns(base, mask))
+    assert_close(adv("min") - outcome_only, [[min(base[0, t:]) for t in range(3)], [min(base[1, t:]) for t in range(3)]])
+
+
+def test_first_error_hit_hand_worked():
+    # 3 responses of 3 steps (step ends at tokens 1, 3 and the last); per-step sums of q:
+    # row 0: (-1, 2, 0) -> lowest step 0, its first wrong step 0: a hit
+    # row 1: (1, 1, -3) -> lowest step 2, first wrong 1: a miss; row 2 is right (-1): not counted
+    # row 3: 2 steps (its last token ends step 1), sums (0.5, -1) -> lowest 1 = first wrong: a hit
+    q = torch.tensor([[-1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5, -1.0, -2.0],
+                      [9.0, 9.0, 9.0, 9.0, 9.0, 9.0], [0.5, 0.0, -1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0] * 6, [1.0] * 6, [1.0] * 6, [1.0, 1, 1, 0, 0, 0]])
+    ends = torch.tensor([[0.0, 1, 0, 1, 0, 0]] * 4)
+    hit, chance = prime.first_error_hit(q, mask, ends, torch.tensor([0, 1, -1, 1]))
+    assert hit == pytest.approx(2 / 3) and chance == pytest.approx((1 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert all(math.isnan(x) for x in prime.first_error_hit(q, mask, ends, torch.tensor([-1] * 4)))

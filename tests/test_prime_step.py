@@ -47,7 +47,7 @@ def test_default_step_outputs_and_updates(default_run, tiny_model_dir):
     # the verifier's reasons are counted over every sampled response of the step
     assert m[1]["verifier/ok"] + m[1]["verifier/wrong"] == 6
     for key in ["rollout/accuracy", "prm/loss", "prm/accuracy", "policy/loss", "policy/clipfrac",
-                "perf/step_seconds", "eval/accuracy"]:
+                "perf/step_seconds", "eval/accuracy", "prm/first_error_hit", "prm/first_error_chance"]:
         assert all(key in x for x in m[1:]), key
     assert "eval/accuracy" in m[0]
     # PRM and reference start identical: q = 0, so the first PRM loss is ln 2 (pitfall 2; the
@@ -99,6 +99,9 @@ def test_same_seed_same_result(default_run, tiny_model_dir, tmp_path, monkeypatc
     {"estimator": "reinforce"},
     {"adaptive_process_coef": True},
     {"outcome_noise": 0.5},
+    {"credit": "min"},
+    {"credit": "min", "granularity": "step", "step_separator": "5"},
+    {"task_digits": 4, "max_response_len": 8},
 ], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 def test_switch_changes_the_update(flags, default_run, tiny_model_dir, tmp_path):
     out = run(tiny_model_dir, tmp_path, "switch", **flags)
@@ -113,6 +116,9 @@ def test_switch_changes_the_update(flags, default_run, tiny_model_dir, tmp_path)
         assert out["metrics"][1]["policy/kl"] >= 0
     if flags.get("reference") == "policy":
         assert out["ref"] is None  # no frozen copy: the policy's own log-probs are the reference
+    if flags.get("task_digits"):
+        evals = json.load(open(os.path.join(out["run_dir"], "eval.json")))
+        assert set(evals[0]["per_source"]) == {"embedded/addition4"}
 
 
 def test_prm_update_none_keeps_prm_frozen(tiny_model_dir, tmp_path):
@@ -145,7 +151,7 @@ def test_prm_model_errors(tiny_model_dir, tmp_path):
     other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     other.resize_token_embeddings(other.config.vocab_size + 8)
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="must share its tokenizer"):
+    with pytest.raises(ValueError, match="must share the policy's tokenizer"):
         run(tiny_model_dir, tmp_path, "b", prm_model=str(tmp_path / "other"))
 
 
