@@ -12,12 +12,14 @@ previous one whole; `--resume` restores the whole trainer state (`TrainState`) a
 """
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import random
 import shutil
 import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 
@@ -78,24 +80,37 @@ def on_interrupt(run_dir, world):
 
 
 class RunLog:
-    """metrics.jsonl and samples.jsonl, one JSON object per line, flushed after every write, so a
-    crash loses at most the steps since the last checkpoint. Rank 0 writes; other ranks write
-    nowhere. Resuming at `step` first drops what was logged after it (a crash after the save)."""
+    """What a run writes as it goes: metrics.jsonl and samples.jsonl (one JSON object per line,
+    flushed after every write, so a crash loses at most the steps since the last checkpoint),
+    eval.json / eval.md, and with --report-to the same metrics, names and steps in TensorBoard or
+    Weights & Biases. Rank 0 writes; other ranks write nowhere. Resuming at `resume_step` first
+    drops what was logged after it (a crash after the save)."""
 
-    def __init__(self, run_dir, resume_step=None):
+    def __init__(self, run_dir, args, resume_step=None):
+        self.run_dir, self.args, self.main = run_dir, args, distributed.rank() == 0
         paths = [os.path.join(run_dir, name) for name in ("metrics.jsonl", "samples.jsonl")]
-        if distributed.rank() != 0:
+        if not self.main:
             paths = [os.devnull] * 2
         elif resume_step is not None:
             for path in paths:
                 _truncate_jsonl(path, resume_step)
         self.files = [open(path, "a" if resume_step is not None else "w") for path in paths]
+        self.tracker = _tracker(args, run_dir) if self.main and args.report_to != "none" else None
 
     def metrics(self, metrics):
         self._write(self.files[0], [metrics])
+        if self.tracker is not None:
+            self.tracker.metrics(metrics)
 
     def samples(self, records):
         self._write(self.files[1], records)
+
+    def evals(self, history):
+        """eval.json, eval.md (and the tracker's table) for every evaluation so far."""
+        if self.main:
+            table = write_eval_report(self.run_dir, history, self.args, show=self.args.eval_only)
+            if self.tracker is not None:
+                self.tracker.table(history[-1]["step"], table)
 
     @staticmethod
     def _write(f, records):
@@ -105,6 +120,30 @@ class RunLog:
     def close(self):
         for f in self.files:
             f.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def _tracker(args, run_dir):
+    """--report-to's writer: TensorBoard event files in RUN_DIR/tensorboard, or a W&B run (online,
+    or a local one with WANDB_MODE=offline) whose id comes from the run directory, so that
+    --resume continues the same W&B run."""
+    numbers = lambda m: {k: float(v) for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        return SimpleNamespace(
+            metrics=lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in numbers(m).items()] and writer.flush(),
+            table=lambda step, md: writer.add_text("eval", md.replace("\n", "  \n"), step), close=writer.close)
+    import wandb
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prime"), dir=run_dir, config=asdict(args),
+                     name=os.path.basename(os.path.abspath(run_dir)), resume="allow",
+                     id=hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16])
+
+    def table(step, md):
+        rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md.splitlines()[2:] if line]
+        run.log({"eval/table": wandb.Table(columns=rows[0], data=rows[2:])}, step=step)
+    return SimpleNamespace(metrics=lambda m: run.log(numbers(m), step=m["step"]), table=table, close=run.finish)
 
 
 def _truncate_jsonl(path, last_step):
@@ -133,21 +172,23 @@ def sample_records(step, tokenizer, batch, q, outcome, beta, n):
 
 def write_eval_report(run_dir, history, args, show=False):
     """eval.json (every evaluation so far) and eval.md (a table: one row per eval step, one
-    column per data_source), on rank 0; `show` also prints the table."""
-    if distributed.rank() != 0:
-        return
+    column per data_source, pass@k with --eval-samples); `show` also prints it. Returns it."""
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(history, f, indent=2)
     how = "greedy" if args.eval_temperature == 0 else \
         f"avg@{args.eval_samples}, T={args.eval_temperature}, top_p={args.eval_top_p}"
     sources = sorted({s for h in history for s in h["per_source"]})
-    lines = [f"Accuracy ({how})", "", "| step | all | " + " | ".join(sources) + " |", "|---:" * (len(sources) + 2) + "|"]
-    lines += [f"| {h['step']} | {h['accuracy']:.1%} | "
-              + " | ".join(f"{h['per_source'].get(s, float('nan')):.1%}" for s in sources) + " |" for h in history]
+    ks = [k for k in history[-1].get("pass_at_k", {}) if args.eval_samples > 1]  # greedy: pass@1 = accuracy
+    lines = [f"Accuracy ({how})", "", "| step | all | " + " | ".join(sources + [f"pass@{k}" for k in ks]) + " |",
+             "|---:" * (len(sources) + len(ks) + 2) + "|"]
+    lines += [f"| {h['step']} | {h['accuracy']:.1%} | " + " | ".join(
+        [f"{h['per_source'].get(s, float('nan')):.1%}" for s in sources]
+        + [f"{h.get('pass_at_k', {}).get(k, float('nan')):.1%}" for k in ks]) + " |" for h in history]
     with open(os.path.join(run_dir, "eval.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if show:
         print("\n".join(lines))
+    return "\n".join(lines)
 
 
 class TrainState:

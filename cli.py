@@ -25,7 +25,8 @@ class UsageError(ValueError):
 
 
 # Flags that may differ when a run is resumed: how long it runs and what it writes, not what it computes.
-RESUMABLE = {"steps", "eval_every", "save_every", "num_samples_logged", "resume", "allow_unsandboxed_code"}
+RESUMABLE = {"steps", "eval_every", "save_every", "num_samples_logged", "resume", "allow_unsandboxed_code",
+             "report_to"}
 
 
 def parse(Args, argv=None):
@@ -132,6 +133,10 @@ def check(args):
         os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")),
         f"--model {args.model}: no tokenizer in the folder (tokenizer.json or tokenizer_config.json): save the "
         f"tokenizer next to the model (tokenizer.save_pretrained)"))
+    if args.report_to != "none":
+        package = args.report_to  # the tracker's package has its name
+        problems.append((importlib.util.find_spec(package) is None,
+                         f"--report-to {package}: the {package} package is not installed: pip install {package}"))
     if args.rollout == "vllm":
         problems += [("vllm" not in sys.modules and importlib.util.find_spec("vllm") is None,
                       "--rollout vllm: vllm is not installed: pip install -r requirements-gpu.txt (or --rollout hf)"),

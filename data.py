@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -466,8 +467,16 @@ def padded(x, R):
     return torch.nn.functional.pad(x, (0, R - x.shape[1]))
 
 
+class Groups(NamedTuple):  # this rank's kept groups of a step: K responses per prompt, contiguous
+    prompts: list  # token ids, as responses
+    responses: list
+    rows: list
+    engine_logps: list  # of each response's tokens, or Nones
+    outcome: torch.Tensor  # [n]
+
+
 def training_batch(groups, tokenizer, args, pad_id, device):
-    """What prime.prime_step takes for a step's kept groups (prime.Groups): the collated batch, the
+    """What prime.prime_step takes for a step's kept groups: the collated batch, the
     engine's log-probs [B, R] (or None), the --granularity step ends, the task's step truth."""
     batch = tuple(t.to(device) for t in collate(groups.prompts, groups.responses, pad_id))
     R = batch[2].shape[1]

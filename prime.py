@@ -23,7 +23,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +138,9 @@ class Args:
     save_every: int = arg(0, "write a checkpoint every N steps (0 = never); only the newest is kept")
     resume: bool = arg(False, "continue the run in --run-dir from its newest checkpoint, with its flags")
     num_samples_logged: int = arg(4, "responses written to samples.jsonl at each eval")
+    report_to: str = arg("none", "also send every metric to TensorBoard (pip install tensorboard) or Weights & "
+                                 "Biases (pip install wandb; WANDB_MODE=offline: a local run)",
+                         choices=["none", "tensorboard", "wandb"])
 
 
 # ==============================================================================================
@@ -559,14 +561,6 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
 
 # ==============================================================================================
 # Sampling with the online filter (Alg. 1 lines 2-5)
-class Groups(NamedTuple):  # this rank's kept groups of a step: K responses per prompt, contiguous
-    prompts: list  # token ids, as responses
-    responses: list
-    rows: list
-    engine_logps: list  # of each response's tokens, or Nones
-    outcome: torch.Tensor  # [n]
-
-
 def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
     """Phases 1-3: sample K responses per prompt, verify, keep the groups that pass the accuracy
     filter; repeat until every rank has its quota (args.prompts_per_step / world groups), or the
@@ -574,7 +568,7 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
     batches keep FSDP's collectives in step; filter/kept_groups shows the shortfall).
     With --outcome-noise each label is flipped (o -> 1 - o, drawn from noise_gen) after it is
     counted in rollout/accuracy and before the filter: the trainer sees a contaminated verifier.
-    Returns this rank's kept Groups and the metrics."""
+    Returns this rank's kept data.Groups and the metrics."""
     world = distributed.world_size()
     K, share = args.samples_per_prompt, args.prompts_per_step // world
     quota = share * K  # responses per rank
@@ -616,20 +610,21 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
                     "perf/rollout_tokens_per_s": generated / max(generate_seconds, 1e-9)})  # per rank
     add_count(metrics, "filter/kept_groups", n // K)
     add_count(metrics, "filter/shortfall_groups", (quota - n) // K)  # the official trainer samples on instead
-    groups = Groups(prompts[:n], responses[:n], kept_rows[:n], engine_logps[:n], torch.cat(outcomes)[:n])
+    groups = data.Groups(prompts[:n], responses[:n], kept_rows[:n], engine_logps[:n], torch.cat(outcomes)[:n])
     return groups, metrics
 
 
 # ==============================================================================================
 # Setup and the loop (Algorithm 1)
-def run_eval(engine, tokenizer, rows, args, state, step, run_dir):
-    """Evaluate the engine's policy, record it in eval.json / eval.md, return the metrics to log."""
+def run_eval(engine, tokenizer, rows, args, state, step, log):
+    """Evaluate the engine's policy, record it (eval.json, eval.md, tracker), return its metrics."""
     result = rollout.evaluate(engine, tokenizer, rows, args.eval_samples, args.eval_temperature,
                               args.eval_top_p, allow_unsandboxed=args.allow_unsandboxed_code)
     state.evals.append({"step": step, **result})
-    checkpoint.write_eval_report(run_dir, state.evals, args, show=args.eval_only)
+    log.evals(state.evals)
     per_source = {f"eval/accuracy/{source}": acc for source, acc in result["per_source"].items()}
-    return {"eval/accuracy": result["accuracy"], **per_source}
+    pass_at = {f"eval/pass@{k}": v for k, v in result["pass_at_k"].items()} if args.eval_samples > 1 else {}
+    return {"eval/accuracy": result["accuracy"], **per_source, **pass_at}
 
 
 def main(args: Args, given=None):
@@ -642,8 +637,11 @@ def main(args: Args, given=None):
     resume_from = checkpoint.checkpoints(run_dir)[-1] if args.resume else None
     engine = rollout.make_engine(args, model_path, tokenizer, device)
     if args.eval_only:  # no training: only the rollout engine is needed
-        state = checkpoint.TrainState(stream, args.seed, rank)
-        return {"engine": engine, "eval": run_eval(engine, tokenizer, eval_rows, args, state, 0, run_dir)}
+        state, log = checkpoint.TrainState(stream, args.seed, rank), checkpoint.RunLog(run_dir, args)
+        evaluated = run_eval(engine, tokenizer, eval_rows, args, state, 0, log)
+        log.metrics({"step": 0, **evaluated})
+        log.close()
+        return {"engine": engine, "eval": evaluated}
     models = setup_models(args, model_path, device, resume_from)
     engine.sync(models.policy)  # step 0 too: checks that every engine weight is loaded from the policy
     # One seed drives sampling, data order and shuffles, set after the models are built (building
@@ -652,9 +650,9 @@ def main(args: Args, given=None):
     state = checkpoint.TrainState(stream, args.seed, rank)
     if resume_from:
         checkpoint.restore(resume_from, models.trained(), state, rank)
-    log = checkpoint.RunLog(run_dir, state.step if resume_from else None)
+    log = checkpoint.RunLog(run_dir, args, state.step if resume_from else None)
     if not resume_from:
-        evaluated = run_eval(engine, tokenizer, eval_rows, args, state, 0, run_dir)
+        evaluated = run_eval(engine, tokenizer, eval_rows, args, state, 0, log)
         log.metrics({"step": 0, **evaluated, **data_counts})
     bar = tqdm(range(state.step + 1, args.steps + 1), desc="prime", dynamic_ncols=True, disable=rank != 0)
     with checkpoint.on_interrupt(run_dir, world):
@@ -677,7 +675,7 @@ def main(args: Args, given=None):
             if device.type == "cuda":
                 metrics["perf/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if step % args.eval_every == 0 or step == args.steps:
-                metrics.update(run_eval(engine, tokenizer, eval_rows, args, state, step, run_dir))
+                metrics.update(run_eval(engine, tokenizer, eval_rows, args, state, step, log))
                 if groups.responses:
                     log.samples(checkpoint.sample_records(step, tokenizer, batch, q, outcome, args.beta,
                                                           args.num_samples_logged))

@@ -11,6 +11,7 @@ own log-probs of the sampled tokens (None when greedy, or when the engine has no
   exercise the weight refresh that GPU runs depend on.
 - `VLLMRollout`: one in-process vLLM engine per rank (GPU only; vLLM is imported only here).
 """
+import math
 import os
 
 import torch
@@ -195,11 +196,20 @@ def outcome_rewards(texts, rows, allow_unsandboxed=False):
     return torch.tensor(rewards), reasons
 
 
+def pass_at_k(n, c, k):
+    """Unbiased pass@k of a problem with c of n sampled answers right (Chen et al. 2021): the
+    chance that k of the n, drawn without replacement, hold at least one right one:
+    1 - C(n-c, k) / C(n, k). (The fraction of problems with a right answer among the first k is
+    the same in expectation but noisier; best-of-n style estimates are biased.)"""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, batch_size=256, progress=True,
              allow_unsandboxed=False):
     """Accuracy of the rollout engine's policy on `rows`: greedy (temperature 0), or avg@k: the
-    mean outcome of `samples` responses per problem at `temperature` and `top_p`. Each rank scores
-    its share. {"accuracy": over all problems, "per_source": {data_source: accuracy}}."""
+    mean outcome of `samples` responses per problem at `temperature` and `top_p`, with unbiased
+    pass@k for k = 1, 2, 4, ... up to `samples` (an answer counts as right at outcome 1). Each rank
+    scores its share. {"accuracy", "per_source": {data_source: accuracy}, "pass_at_k": {k: value}}."""
     from tqdm import tqdm
     rank, world = distributed.rank(), distributed.world_size()
     mine = [row for row in rows[rank::world] for _ in range(samples)]
@@ -208,12 +218,17 @@ def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, bat
         responses += engine.generate(prompts[i:i + batch_size], greedy=temperature == 0, temperature=temperature,
                                      top_p=top_p)[0]
     scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine, allow_unsandboxed)
-    totals = {}  # data_source -> [sum of outcomes, responses], over all ranks
-    for per_rank in distributed.gather_objects([(row.get("data_source", ""), score)
-                                                for row, score in zip(mine, scores.tolist())]):
-        for source, score in per_rank:
+    problems = [(mine[i].get("data_source", ""), scores[i:i + samples].tolist()) for i in range(0, len(mine), samples)]
+    totals, ks = {}, sorted({2 ** j for j in range(samples.bit_length()) if 2 ** j <= samples} | {samples})
+    passes = dict.fromkeys(ks, 0.0)  # sum over problems of each one's pass@k
+    for per_rank in distributed.gather_objects(problems):  # every problem once, over all ranks
+        for source, outcomes in per_rank:
             totals.setdefault(source, [0.0, 0])
-            totals[source][0] += score
-            totals[source][1] += 1
+            totals[source][0] += sum(outcomes)
+            totals[source][1] += len(outcomes)
+            for k in ks:
+                passes[k] += pass_at_k(samples, sum(o == 1 for o in outcomes), k)
+    n_problems = sum(t[1] for t in totals.values()) / samples
     return {"accuracy": sum(t[0] for t in totals.values()) / sum(t[1] for t in totals.values()),
-            "per_source": {source: t[0] / t[1] for source, t in sorted(totals.items())}}
+            "per_source": {source: t[0] / t[1] for source, t in sorted(totals.items())},
+            "pass_at_k": {str(k): v / n_problems for k, v in passes.items()}}

@@ -30,6 +30,10 @@ CONFIGS = {  # name -> the prime.py flags that differ from the default; the ques
     "reinforce": ["--estimator", "reinforce"],  # no baseline at all (paper Eq. 8)
     "adaptive-coef": ["--adaptive-process-coef"],  # trust the PRM only as far as it ranks fresh samples
     "outcome-noise-0.2": ["--outcome-noise", "0.2"],  # how does PRIME cope with a verifier wrong 20% of the time?
+    "outcome-only-noise-0.2": ["--no-prm", "--outcome-noise", "0.2"],  # ... and outcome-only RLOO?
+    "min-credit": ["--credit", "min"],  # PURE's min-form credit instead of PRIME's sum
+    "step-adaptive": ["--granularity", "step", "--step-separator", ",", "--adaptive-process-coef"],  # credit per
+    # digit column, trusted only as far as the PRM ranks fresh samples better than chance
 }
 DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
 
@@ -67,36 +71,53 @@ def curve_rows(name, seed, metrics):
         seen += sum(v for k, v in m.items() if k.startswith("verifier/"))
         rows.append({"config": name, "seed": seed, "step": m["step"], "samples_seen": seen,
                      "rollout_accuracy": m.get("rollout/accuracy", ""), "eval_accuracy": m.get("eval/accuracy", ""),
-                     "prm_accuracy": m.get("prm/accuracy", "")})
+                     "prm_accuracy": m.get("prm/accuracy", ""), "first_error_hit": m.get("prm/first_error_hit", ""),
+                     "first_error_chance": m.get("prm/first_error_chance", "")})
     return rows
 
 
-def summarize(rows, target):
-    """Per configuration: seeds, final eval accuracy (mean, min, max), the mean samples seen at
-    the first eval reaching `target` (None unless every seed reached it), and the PRM's pairwise
-    accuracy over each run's last 10 steps, averaged over seeds (None without a PRM)."""
-    table = {}
+def summarize(rows, target, base="outcome-only"):
+    """Per configuration: seeds, start and final eval accuracy (mean; final min, max), the mean
+    responses sampled at the first eval reaching `target` (None unless every seed reached it),
+    those responses as a fraction of `base`'s on the same seed (min, max over the seeds where both
+    reached it), and the PRM's pairwise accuracy and first-error hit rate (with its chance) over
+    each run's first and last 10 steps, averaged over seeds (None without them)."""
+    def window_means(per_seed, window):  # mean over seeds of each run's mean over a 10-step window
+        means = [sum(w) / len(w) for w in (window(v) for v in per_seed.values()) if w]
+        return sum(means) / len(means) if means else None
+
+    table, reach_by = {}, {}
     for name in dict.fromkeys(r["config"] for r in rows):
-        runs, prm = {}, {}
-        for r in rows:
-            if r["config"] == name and r["eval_accuracy"] != "":
+        runs, series = {}, {key: {} for key in ("prm_accuracy", "first_error_hit", "first_error_chance")}
+        for r in (r for r in rows if r["config"] == name):
+            if r["eval_accuracy"] != "":
                 runs.setdefault(r["seed"], []).append(r)
-            if r["config"] == name and r["prm_accuracy"] != "" and r["prm_accuracy"] == r["prm_accuracy"]:
-                prm.setdefault(r["seed"], []).append(r["prm_accuracy"])  # (NaN: a step without pairs)
+            for key, per_seed in series.items():
+                if r[key] != "" and r[key] == r[key]:  # (NaN: a step without pairs, or without wrong answers)
+                    per_seed.setdefault(r["seed"], []).append(r[key])
         finals = [evals[-1]["eval_accuracy"] for evals in runs.values()]
-        reach = [next((e["samples_seen"] for e in evals if e["eval_accuracy"] >= target), None) for evals in runs.values()]
-        prm_last = [sum(accs[-10:]) / len(accs[-10:]) for accs in prm.values()]
-        table[name] = {"seeds": len(runs), "final": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
+        reach_by[name] = {seed: next((e["samples_seen"] for e in evals if e["eval_accuracy"] >= target), None)
+                          for seed, evals in runs.items()}
+        reach = list(reach_by[name].values())
+        table[name] = {"seeds": len(runs), "start": sum(e[0]["eval_accuracy"] for e in runs.values()) / len(runs),
+                       "final": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
                        "samples_to_target": None if None in reach else sum(reach) / len(reach),
-                       "prm_accuracy": sum(prm_last) / len(prm_last) if prm_last else None}
+                       **{f"{key}_{part}": window_means(per_seed, cut) for key, per_seed in series.items()
+                          for part, cut in (("first", lambda v: v[:10]), ("last", lambda v: v[-10:]))}}
+    for name, t in table.items():
+        pairs = [(n, reach_by[base][seed]) for seed, n in reach_by[name].items()
+                 if n and reach_by.get(base, {}).get(seed)]
+        t["vs_base"] = (min(n / b for n, b in pairs), max(n / b for n, b in pairs)) if pairs else None
     return table
 
 
 def plot(rows, path):
+    """curves.png: held-out accuracy (left) and the PRM's first-error hit rate (right, smoothed
+    over 10 steps, chance dotted) against responses sampled, mean and min-max over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, hit_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
     for name in dict.fromkeys(r["config"] for r in rows):
         by_step = {}
         for r in rows:
@@ -107,10 +128,25 @@ def plot(rows, path):
         accs = [[r["eval_accuracy"] for r in by_step[s]] for s in steps]
         line, = ax.plot(x, [sum(a) / len(a) for a in accs], label=f"{name} ({len(accs[0])} seeds)")
         ax.fill_between(x, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.15)
+        hits = {}  # step -> (samples seen, hit, chance) of each seed that logged one
+        for r in rows:
+            if r["config"] == name and r["first_error_hit"] != "" and r["first_error_hit"] == r["first_error_hit"]:
+                hits.setdefault(r["step"], []).append((r["samples_seen"], r["first_error_hit"], r["first_error_chance"]))
+        if hits:
+            steps = sorted(hits)
+            smooth = lambda i, j: sum(v[j] for s in steps[max(0, i - 9):i + 1] for v in hits[s]) / \
+                sum(len(hits[s]) for s in steps[max(0, i - 9):i + 1])
+            x = [sum(v[0] for v in hits[s]) / len(hits[s]) for s in steps]
+            hit_ax.plot(x, [smooth(i, 1) for i in range(len(steps))], color=line.get_color(), label=name)
+            hit_ax.plot(x, [smooth(i, 2) for i in range(len(steps))], color=line.get_color(), linestyle=":")
     ax.set_xlabel("responses sampled")
     ax.set_ylabel("held-out greedy accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    hit_ax.set_xlabel("responses sampled")
+    hit_ax.set_ylabel("PRM blames the first wrong step (dotted: chance)")
+    for a in (ax, hit_ax):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -153,15 +189,20 @@ def main():
         writer.writerows(rows)
     plot(rows, os.path.join(args.out, "curves.png"))
     table = summarize(rows, args.target)
-    base = table.get("outcome-only", {}).get("samples_to_target")
-    print(f"\n| configuration | seeds | final eval accuracy (min-max) | responses to reach {args.target:.0%} "
-          f"| vs outcome-only | PRM pairwise accuracy, last 10 steps |")
-    print("|---|---:|---:|---:|---:|---:|")
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    print(f"\n| configuration | seeds | eval at start | final eval (min-max) | responses to {args.target:.0%} "
+          f"| vs outcome-only, per seed | PRM pairwise acc., first / last 10 steps "
+          f"| first-error hit (chance), first / last 10 steps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, t in table.items():
         reach = f"{t['samples_to_target']:,.0f}" if t["samples_to_target"] else "not every seed"
-        ratio = f"{base / t['samples_to_target']:.2f}x" if base and t["samples_to_target"] else "-"
-        prm = f"{t['prm_accuracy']:.2f}" if t["prm_accuracy"] is not None else "-"
-        print(f"| {name} | {t['seeds']} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) | {reach} | {ratio} | {prm} |")
+        ratio = "-" if t["vs_base"] is None else f"{t['vs_base'][0]:.2f}-{t['vs_base'][1]:.2f}x"
+        hit = "-" if t["first_error_hit_first"] is None else (
+            f"{t['first_error_hit_first']:.2f} ({t['first_error_chance_first']:.2f}) / "
+            f"{t['first_error_hit_last']:.2f} ({t['first_error_chance_last']:.2f})")
+        print(f"| {name} | {t['seeds']} | {t['start']:.1%} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) "
+              f"| {reach} | {ratio} | {fmt(t['prm_accuracy_first'], '.2f')} / {fmt(t['prm_accuracy_last'], '.2f')} "
+              f"| {hit} |")
     print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} ({(time.time() - t0) / 60:.1f} min)")
 
 

@@ -14,26 +14,34 @@ ablation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablation)
 
 
-def metrics(evals, sampled=8, prm=None):
+def metrics(evals, sampled=8, prm=None, hits=None):
     """Logged lines: step 0 (eval only), then steps that sampled `sampled` responses each."""
     out = [{"step": 0, "eval/accuracy": evals[0]}]
     for step, acc in enumerate(evals[1:], 1):
         out.append({"step": step, "rollout/accuracy": 0.5, "verifier/ok": sampled // 2, "verifier/wrong": sampled // 2,
-                    "eval/accuracy": acc, **({"prm/accuracy": prm[step - 1]} if prm else {})})
+                    "eval/accuracy": acc, **({"prm/accuracy": prm[step - 1]} if prm else {}),
+                    **({"prm/first_error_hit": hits[step - 1], "prm/first_error_chance": 0.25} if hits else {})})
     return out
 
 
 def test_samples_seen_and_samples_to_target_by_hand():
-    rows = ablation.curve_rows("a", 0, metrics([0.2, 0.5, 0.8, 0.9], prm=[0.5, 0.6, 0.7]))
+    rows = ablation.curve_rows("a", 0, metrics([0.2, 0.5, 0.8, 0.9], prm=[0.5, 0.6, 0.7], hits=[0.0, 0.5, 1.0]))
     assert [r["samples_seen"] for r in rows] == [0, 8, 16, 24]
     rows += ablation.curve_rows("a", 1, metrics([0.2, 0.7, 0.7, 0.6], prm=[float("nan"), 0.8, 0.8]))
-    rows += ablation.curve_rows("b", 0, metrics([0.2, 0.3, 0.4, 0.5]))
+    rows += ablation.curve_rows("outcome-only", 0, metrics([0.2, 0.3, 0.4, 0.5]))
+    rows += ablation.curve_rows("outcome-only", 1, metrics([0.2, 0.4, 0.7, 0.7]))
     table = ablation.summarize(rows, target=0.7)
-    # seed 0 reaches 0.7 after 16 responses, seed 1 after 8: mean 12
+    # seed 0 reaches 0.7 after 16 responses, seed 1 after 8: mean 12; outcome-only seed 1 after 16,
+    # so a's responses per seed are 8/16 = 0.5x of it where both reached it (seed 1 only)
     # PRM accuracy: seed 0 mean 0.6, seed 1 0.8 (its NaN step had no pairs): mean 0.7
-    assert table["a"] == {"seeds": 2, "final": pytest.approx(0.75), "min": 0.6, "max": 0.9, "samples_to_target": 12,
-                          "prm_accuracy": pytest.approx(0.7)}
-    assert table["b"]["samples_to_target"] is None and table["b"]["final"] == 0.5 and table["b"]["prm_accuracy"] is None
+    # first-error hit: seed 0 only, mean 0.5 (chance 0.25) over its first (and last) 10 steps
+    assert table["a"] == {"seeds": 2, "start": pytest.approx(0.2), "final": pytest.approx(0.75), "min": 0.6,
+                          "max": 0.9, "samples_to_target": 12, "vs_base": (0.5, 0.5),
+                          "prm_accuracy_first": pytest.approx(0.7), "prm_accuracy_last": pytest.approx(0.7),
+                          "first_error_hit_first": pytest.approx(0.5), "first_error_hit_last": pytest.approx(0.5),
+                          "first_error_chance_first": 0.25, "first_error_chance_last": 0.25}
+    b = table["outcome-only"]
+    assert b["samples_to_target"] is None and b["final"] == 0.6 and b["prm_accuracy_last"] is None
 
 
 # prime.py flags for runs of a few seconds
@@ -61,6 +69,7 @@ def test_tiny_sweep_end_to_end(tiny_model_dir, tmp_path):
     assert {(r["config"], r["step"]) for r in rows} == {(c, s) for c in ("prime", "outcome-only") for s in "012"}
     assert os.path.getsize(out / "curves.png") > 1000
     assert "| prime | 1 |" in result.stdout and "| outcome-only | 1 |" in result.stdout
+    assert "first-error hit" in result.stdout
 
 
 def test_offline_prm_config_trains_a_prm_first_then_freezes_it(tiny_model_dir, tmp_path):

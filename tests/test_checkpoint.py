@@ -75,3 +75,35 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tiny_model_dir, t
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"interrupted: last checkpoint {tmp_path / 'run' / 'checkpoint-000001'}; resume with: "
                    f"python prime.py --run-dir {tmp_path / 'run'} --resume")
+
+
+def test_tensorboard_gets_every_metric_with_its_name_and_step(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = run_prime(tiny_model_dir, tmp_path / "run", report_to="tensorboard")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    for m in out["metrics"]:  # the same names, steps and values as metrics.jsonl
+        for key, value in m.items():
+            if key != "step":
+                logged = {e.step: e.value for e in events.Scalars(key)}
+                assert logged[m["step"]] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+    assert "eval/text_summary" in events.Tags()["tensors"]  # the eval table, at each eval
+
+
+def test_wandb_offline_writes_a_local_run_and_resume_continues_it(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_prime(tiny_model_dir, tmp_path / "run", report_to="wandb", save_every=2)
+    runs = [p for p in os.listdir(tmp_path / "run" / "wandb") if p.startswith("offline-run-")]
+    assert len(runs) == 1 and any(f.endswith(".wandb") for f in os.listdir(tmp_path / "run" / "wandb" / runs[0]))
+    run_prime(tiny_model_dir, tmp_path / "run", report_to="wandb", resume=True, steps=3)
+    ids = {p.rsplit("-", 1)[1] for p in os.listdir(tmp_path / "run" / "wandb") if p.startswith("offline-run-")}
+    assert len(ids) == 1  # one W&B run id for the resumed run
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(cli.UsageError, match="--report-to wandb: the wandb package is not installed: pip install wandb"):
+        cli.resolve(prime.Args(report_to="wandb"))

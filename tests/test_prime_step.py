@@ -400,31 +400,6 @@ def test_implicit_reward_is_the_models_log_ratio_at_temperature_1(tiny_model_dir
     torch.testing.assert_close(seen["ref_logp"], logp(ref_model, 0.7), atol=1e-5, rtol=0)  # KL: at T
 
 
-def test_sampling_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp_path):
-    """A checkpoint whose generation_config.json asks for a large repetition penalty and top_k=3
-    must not change what is sampled: the engine's per-token log-probs (of the distribution it
-    drew from) equal the trainer's at the sampling temperature, and more than 3 tokens appear."""
-    import rollout
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, temperature=2.0, do_sample=True,
-                                               eos_token_id=model.generation_config.eos_token_id)
-    model.save_pretrained(tmp_path / "m")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
-    engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), tokenizer, max_response_len=6,
-                               temperature=1.0)
-    prompts = data.prompt_token_ids(tokenizer, data.addition_rows(64, 0))
-    torch.manual_seed(0)
-    responses, engine_logps = engine.generate(prompts)
-    batch = data.collate(prompts, responses, engine.pad_id)
-    trainer = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
-                                     prime.Args(micro_batch_size=64), {1.0})[1.0]
-    R = batch[2].shape[1]
-    engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps])
-    torch.testing.assert_close(engine_logp, trainer, atol=1e-4, rtol=0)
-    assert len({r[0] for r in responses}) > 3  # top_k=3 would allow 3 first tokens at most
-
-
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
     """--gradient-checkpointing recomputes activations in the backward pass: same gradients."""
     torch.manual_seed(0)

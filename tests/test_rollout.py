@@ -1,8 +1,7 @@
-"""The vLLM rollout layer, driven by a fake `vllm` module (vLLM needs a GPU and its own torch).
-
-What is checked is our side of the contract: how the engine is built, that sync streams every
-weight by its HF name and refuses a partial load, that the prefix cache is reset, and how
-outputs become responses and log-probs.
+"""rollout.py: the engines and evaluation. The vLLM layer is driven by a fake `vllm` module (vLLM
+needs a GPU and its own torch): what is checked is our side of the contract: how the engine is
+built, that sync streams every weight by its HF name and refuses a partial load, that the prefix
+cache is reset, sleep and wake, and how outputs become responses and log-probs.
 """
 import sys
 import types
@@ -162,3 +161,52 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio(fa
     expected = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(grads[1.5], expected, atol=1e-6, rtol=1e-4)
     assert not torch.allclose(grads[0.0], grads[1.5])  # off by default
+
+
+def test_pass_at_k_hand_worked():
+    # n=4 answers, c=1 right: pass@1 = 1/4; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6; pass@4 = 1
+    assert [rollout.pass_at_k(4, 1, k) for k in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert rollout.pass_at_k(16, 3, 4) == pytest.approx(1 - 715 / 1820) and rollout.pass_at_k(4, 0, 4) == 0.0
+
+
+def test_evaluate_reports_avg_at_k_and_unbiased_pass_at_k(monkeypatch):
+    import verifier
+    outcomes = iter([1.0, 0.0, 0.0, 0.0,  0.0, 0.0, 0.0, 0.0,  1.0, 1.0, 0.0, 0.5])  # 3 problems x 4 samples
+    monkeypatch.setattr(verifier, "score_batch", lambda r, *_, **__: ([next(outcomes) for _ in r], {}))
+
+    class Engine:
+        def generate(self, prompts, **kw):
+            return [[5]] * len(prompts), None
+    rows = [data.addition_row(100 + i, 200) for i in range(3)]
+    tokenizer = types.SimpleNamespace(batch_decode=lambda ids, **kw: ["x"] * len(ids))
+    monkeypatch.setattr(data, "prompt_token_ids", lambda tok, rows: [[1]] * len(rows))
+    result = rollout.evaluate(Engine(), tokenizer, rows, samples=4, temperature=0.7)
+    assert result["accuracy"] == pytest.approx(3.5 / 12)  # avg@4: the mean outcome
+    # right answers (outcome 1) per problem: 1, 0, 2 (a partial 0.5 is not right)
+    expected = {k: sum(rollout.pass_at_k(4, c, k) for c in (1, 0, 2)) / 3 for k in (1, 2, 4)}
+    assert result["pass_at_k"] == {str(k): pytest.approx(v) for k, v in expected.items()}
+    assert result["pass_at_k"]["4"] == pytest.approx(2 / 3)
+
+
+def test_sampling_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp_path):
+    """A checkpoint whose generation_config.json asks for a large repetition penalty and top_k=3
+    must not change what is sampled: the engine's per-token log-probs (of the distribution it
+    drew from) equal the trainer's at the sampling temperature, and more than 3 tokens appear."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, temperature=2.0, do_sample=True,
+                                               eos_token_id=model.generation_config.eos_token_id)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), tokenizer, max_response_len=6,
+                               temperature=1.0)
+    prompts = data.prompt_token_ids(tokenizer, data.addition_rows(64, 0))
+    torch.manual_seed(0)
+    responses, engine_logps = engine.generate(prompts)
+    batch = data.collate(prompts, responses, engine.pad_id)
+    trainer = prime.batched_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch,
+                                     prime.Args(micro_batch_size=64), {1.0})[1.0]
+    R = batch[2].shape[1]
+    engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps])
+    torch.testing.assert_close(engine_logp, trainer, atol=1e-4, rtol=0)
+    assert len({r[0] for r in responses}) > 3  # top_k=3 would allow 3 first tokens at most
