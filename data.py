@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+import distributed
 import verifier
 
 ABILITIES = ("math", "code")
@@ -345,9 +346,10 @@ def load_task(args, embedded_model):
             verifier.require_sandbox(args.allow_unsandboxed_code)
         except verifier.SandboxUnavailable as e:
             raise DataError(str(e)) from None
-    model_path = args.model or embedded_model(os.path.expanduser(args.cache_dir), digits=args.task_digits)
+    model_path = args.model or distributed.local_first(
+        lambda: embedded_model(os.path.expanduser(args.cache_dir), digits=args.task_digits))
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    verbose = int(os.environ.get("RANK", 0)) == 0
+    verbose = distributed.rank() == 0
     return model_path, tokenizer, *task_streams(train, evals, tokenizer, args.seed, args.max_prompt_len,
                                                 args.skip_bad_rows, args.eval_size, args.task_digits, verbose)
 

@@ -38,6 +38,16 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_first(fn):
+    """fn() on this node's first process, then on the others (a per-node cache, such as the embedded
+    model's in ~/.cache/prime, is built once per node rather than by every process at once)."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    result = fn() if first else None
+    if dist.is_initialized():
+        dist.barrier()
+    return result if first else fn()
+
+
 def shutdown():
     if dist.is_initialized():
         dist.barrier()  # no rank tears the process group down while another still uses it

@@ -5,19 +5,32 @@
 #
 #   bash run_math.sh                     # after setting the paths below
 #   NPROC=4 bash run_math.sh --steps 10  # extra flags are passed to prime.py
+#   NNODES=2 NODE_RANK=0 MASTER=host0 bash run_math.sh   # on each of 2 nodes (NODE_RANK=1 on the
+#                                        # second): torchrun's c10d rendezvous at MASTER:PORT; RUN_DIR
+#                                        # must be on storage every node sees (rank 0 writes it)
 #
-# Needs: pip install -r requirements-gpu.txt, the model folder and the data as .jsonl
-# (Eurus-2-RL-Data rows: data_source, prompt, ability, reward_model.ground_truth).
+# Needs: pip install -r requirements-gpu.txt, the model folder and the data as downloaded:
+#   huggingface-cli download PRIME-RL/Eurus-2-RL-Data --repo-type dataset --local-dir data/eurus2
+# (a folder gives its train-* files to --data and its validation-* files to --eval-data).
 set -euo pipefail
 
 MODEL=${MODEL:-/path/to/Eurus-2-7B-SFT}            # policy, PRM and reference start here (paper Sec. 4.1)
-DATA=${DATA:-/path/to/eurus2_rl_train.jsonl}        # Eurus-2-RL-Data, math and code rows
-EVAL_DATA=${EVAL_DATA:-/path/to/eurus2_rl_validation.jsonl}
+DATA=${DATA:-data/eurus2}                           # Eurus-2-RL-Data, math and code rows (train-*)
+EVAL_DATA=${EVAL_DATA:-data/eurus2}                 # its validation-* files
 RUN_DIR=${RUN_DIR:-runs/prime-eurus2-7b}
-NPROC=${NPROC:-8}
+NPROC=${NPROC:-8}                                   # GPUs per node
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER=${MASTER:-127.0.0.1}
+PORT=${PORT:-29500}
 STEPS=${STEPS:-500}                                 # not fixed by the paper's text: choose by budget
 
-torchrun --nproc_per_node="$NPROC" prime.py \
+if [ "$NNODES" -gt 1 ]; then
+  LAUNCH=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$MASTER:$PORT" --rdzv-id prime)
+else
+  LAUNCH=()
+fi
+torchrun ${LAUNCH[@]+"${LAUNCH[@]}"} --nproc_per_node="$NPROC" prime.py \
   --model "$MODEL" --data "$DATA" --eval-data "$EVAL_DATA" --run-dir "$RUN_DIR" \
   --rollout vllm \
   --steps "$STEPS" \

@@ -155,3 +155,29 @@ def test_counts_are_summed_over_ranks_and_everything_else_averaged():
     merged = distributed.merge_metrics(ranks)
     assert merged == {"verifier/ok": 7, "a/new_count": 2, "prm/loss": 1.0, "rollout/accuracy": 0.25}
     assert isinstance(merged["verifier/ok"], distributed.Count) and json.dumps(merged["verifier/ok"]) == "7"
+
+
+def test_two_launchers_on_two_nodes_agree_with_one_launcher(tiny_model_dir, tmp_path):
+    """torchrun's own multi-node launch (c10d rendezvous; here two nodes on 127.0.0.1, one process
+    each) runs the same training as one launcher with two processes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--model", tiny_model_dir, "--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2",
+             "--max-response-len", "6", "--eval-size", "4", "--eval-every", "1", "--filter-low", "0",
+             "--filter-high", "1", "--mini-batch-size", "8", "--micro-batch-size", "2", "--save-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    launch = lambda extra, run_dir: subprocess.Popen(torchrun + extra + ["prime.py", *flags, "--run-dir", str(run_dir)],
+                                                    cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    one = launch(["--nproc-per-node", "2", "--standalone"], tmp_path / "one")
+    assert one.wait(timeout=900) == 0, one.stderr.read().decode()[-3000:]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", endpoint, "--rdzv-id", "prime-test"], tmp_path / "two") for i in range(2)]
+    for node in nodes:
+        assert node.wait(timeout=900) == 0, node.stderr.read().decode()[-3000:]
+    read = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+                      for line in open(d / "metrics.jsonl")]
+    assert read(tmp_path / "two") == read(tmp_path / "one") and len(read(tmp_path / "one")) == 3
+    assert checkpoint.checkpoints(str(tmp_path / "two")) == [str(tmp_path / "two" / "checkpoint-000002")]

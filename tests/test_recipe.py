@@ -23,6 +23,17 @@ def test_run_math_sh_flags_parse_to_the_papers_recipe(tmp_path):
                     weight_decay=0.01, grad_clip=1.0, prm_lr=1e-6, prm_weight_decay=0.0, prm_grad_clip=10.0,
                     beta=0.05, prm_update="after", reference="sft", granularity="token", reward_norm="batch_norm",
                     rloo_variant="official", whiten=True, gamma=1.0, clip_eps=0.2, ppo_epochs=1,
-                    mini_batch_size=256, kl_coef=0.0, entropy_coef=0.0, eval_every=16, save_every=16, eval_samples=16,
+                    mini_batch_size=256, kl_coef=0.0, gradient_checkpointing=True, vllm_sleep=True, entropy_coef=0.0, eval_every=16, save_every=16, eval_samples=16,
                     eval_temperature=0.3, eval_top_p=0.95, seed=3)
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_run_math_sh_launches_on_several_nodes_with_torchruns_rendezvous(tmp_path):
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", NNODES="2", NODE_RANK="1", MASTER="host0")
+    out = subprocess.run(["bash", os.path.join(ROOT, "run_math.sh")], capture_output=True, text=True, env=env, cwd=ROOT,
+                         check=True).stdout.splitlines()
+    assert out[:12] == ["--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "host0:29500",
+                        "--rdzv-id", "prime", "--nproc_per_node=8", "prime.py"]
