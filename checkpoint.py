@@ -105,12 +105,18 @@ class RunLog:
     def samples(self, records):
         self._write(self.files[1], records)
 
-    def evals(self, history):
-        """eval.json, eval.md (and the tracker's table) for every evaluation so far."""
+    def evals(self, history, step, result):
+        """Add an evaluation (rollout.evaluate's result) to `history` (the TrainState's), write
+        eval.json, eval.md and the tracker's table; return its metrics (eval/accuracy, per source,
+        pass@k with --eval-samples > 1)."""
+        history.append({"step": step, **result})
         if self.main:
             table = write_eval_report(self.run_dir, history, self.args, show=self.args.eval_only)
             if self.tracker is not None:
-                self.tracker.table(history[-1]["step"], table)
+                self.tracker.table(step, table)
+        pass_at = {f"eval/pass@{k}": v for k, v in result["pass_at_k"].items()} if self.args.eval_samples > 1 else {}
+        return {"eval/accuracy": result["accuracy"], **pass_at,
+                **{f"eval/accuracy/{source}": acc for source, acc in result["per_source"].items()}}
 
     @staticmethod
     def _write(f, records):

@@ -2,8 +2,9 @@
 
 The algorithm, read top to bottom like the paper: the config, the math (one pure function per
 equation), the PRM and policy updates, sampling with the online filter, one training step, and
-main() (Algorithm 1). The plumbing lives beside it: rollout.py (engines, evaluation),
-distributed.py (FSDP2, all-reduces), checkpoint.py (run directory, resume), data.py, verifier.py.
+main() (Algorithm 1). The plumbing lives beside it: cli.py (flags checked), data.py (rows, tasks,
+batches), rollout.py (engines, evaluation), distributed.py (the models under FSDP2, all-reduces),
+checkpoint.py (run directory, resume), verifier.py (outcome rewards).
 
     python prime.py                                 # embedded default: tiny LM, 3-digit addition, CPU
     python prime.py --model PATH --data rows.jsonl  # your model and Eurus-2-style data
@@ -45,8 +46,10 @@ def arg(default, help, **kw):
 class Args:
     # model and data; empty strings select the embedded default (see bootstrap.py)
     model: str = arg("", "HF model folder for policy, PRM and reference; '' = the embedded tiny model")
-    data: str = arg("", "comma-separated Eurus-2-style .parquet or .jsonl files; '' = built-in addition")
-    eval_data: str = arg("", "comma-separated .parquet or .jsonl eval files; '' = built-in held-out addition")
+    data: str = arg("", "Eurus-2-style rows: .parquet or .jsonl files, folders (their train* files) or "
+                        "globs, comma-separated; '' = built-in addition")
+    eval_data: str = arg("", "the same for eval (a folder: its validation* files); '' = built-in held-out "
+                             "addition")
     eval_size: int = arg(500, "number of built-in held-out problems (ignored with --eval-data)")
     task_digits: int = arg(3, "digits of the built-in addition (one worked step per column); its embedded "
                               "model is built once per value")
@@ -68,8 +71,8 @@ class Args:
     prompts_per_step: int = arg(64, "prompt groups trained on per step (after filtering)")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt (RLOO needs K >= 2)")
     max_prompt_len: int = arg(1024, "prompts longer than this (tokens) are dropped")
-    max_response_len: int = arg(0, "max new tokens per response; 0 = 1024 with --data, else what the built-in "
-                                   "task's worked solutions take (48 at 3 digits)")
+    max_response_len: int = arg(0, "max new tokens per response; 0 = 1024 with --data, else what the "
+                                   "built-in task's worked solutions take (48 at 3 digits)")
     temperature: float = arg(0.7, "sampling temperature, also divides the trainer's logits (paper: 1.0; the "
                                   "tiny embedded model samples 7%% right at 1.0 vs 46%% greedy, 24%% at 0.7)")
     top_p: float = arg(1.0, "nucleus sampling")
@@ -138,8 +141,8 @@ class Args:
     save_every: int = arg(0, "write a checkpoint every N steps (0 = never); only the newest is kept")
     resume: bool = arg(False, "continue the run in --run-dir from its newest checkpoint, with its flags")
     num_samples_logged: int = arg(4, "responses written to samples.jsonl at each eval")
-    report_to: str = arg("none", "also send every metric to TensorBoard (pip install tensorboard) or Weights & "
-                                 "Biases (pip install wandb; WANDB_MODE=offline: a local run)",
+    report_to: str = arg("none", "also send every metric to TensorBoard (pip install tensorboard) or "
+                                 "Weights & Biases (pip install wandb; WANDB_MODE=offline: a local run)",
                          choices=["none", "tensorboard", "wandb"])
 
 
@@ -192,18 +195,16 @@ def process_rewards(q, mask, beta=0.05, granularity="token", norm="batch_norm", 
     """Process rewards [B, R] from implicit rewards q [B, R] (Eq. 3, official-code post-processing).
 
     token: r_t = beta * q_t. step: beta * (sum of q over a reasoning step) on the step's last
-    token, `step_ends` [B, R] marking those (see step_end_mask). whole: beta * sum_t q_t on the last
-    valid token (one reward per response). batch_norm (official): divide by
-    max_{i,t} |sum_{s>=t} r_{i,s}| + 1e-6 over the batch, so the largest process return is 1, on
-    the scale of the 0/1 outcome."""
+    token, `step_ends` [B, R] marking those. whole: beta * sum_t q_t on the last valid token.
+    batch_norm (official): divide by max_{i,t} |sum_{s>=t} r_{i,s}| + 1e-6 over the batch, so the
+    largest process return is 1, on the scale of the 0/1 outcome."""
     r = beta * q * mask
     if granularity == "whole":
         r = r.sum(-1, keepdim=True) * last_token_mask(mask)
     elif granularity == "step":
         if step_ends is None:
             raise ValueError("granularity 'step' needs step_ends, the mask of each step's last token")
-        ends = torch.maximum(step_ends * mask, last_token_mask(mask))  # the last step ends with the response
-        step = (ends.cumsum(-1) - ends).long()  # [B, R]: which step each token belongs to
+        ends, step = step_index(step_ends, mask)
         totals = torch.zeros_like(r).scatter_add_(-1, step, r)  # [B, R]: each step's sum, by step index
         r = totals.gather(-1, step) * ends
     elif granularity != "token":
@@ -357,6 +358,13 @@ def masked_aggregate(x, mask, agg):
     raise ValueError(f"agg must be 'seq-mean-token-mean' or 'token-mean', got {agg!r}")
 
 
+def step_index(step_ends, mask):
+    """(ends, step), both [B, R]: each reasoning step's last token (the response's last token closes
+    its last step) and the index of the step each token belongs to."""
+    ends = torch.maximum(step_ends * mask, last_token_mask(mask))
+    return ends, (ends.cumsum(-1) - ends).long()
+
+
 def last_token_mask(mask):
     """1 on the last valid token of each row of mask [B, R] (where the outcome reward sits)."""
     last = torch.zeros_like(mask)
@@ -382,8 +390,7 @@ def first_error_hit(q, mask, step_ends, first_wrong, reduce=_local):
     [B] >= 0; -1: right, or no step truth), the fraction whose lowest-reward step (q summed over
     each step's tokens; step_ends [B, R] marks each step's last token) is that step, and what a
     uniform pick among each response's steps would give. (nan, nan) if there are none."""
-    ends = torch.maximum(step_ends * mask, last_token_mask(mask))
-    step = (ends.cumsum(-1) - ends).long()  # [B, R]: the step of each token
+    ends, step = step_index(step_ends, mask)
     sums = torch.zeros_like(q).scatter_add_(-1, step, q * mask)
     n_steps = ends.sum(-1)
     sums = torch.where(torch.arange(q.shape[1], device=q.device) < n_steps[:, None], sums, torch.inf)
@@ -543,9 +550,8 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
         metrics["prm/return_abs"] = r.sum(-1).abs().mean().item()
 
     # 6. advantages: RLOO of process and outcome rewards, summed, whitened over all ranks
-    last = last_token_mask(mask)  # the tokens that carry process rewards, for --credit min:
-    ends = {"token": None, "whole": last}.get(args.granularity, None if step_ends is None else
-                                              torch.maximum(step_ends * mask, last))
+    ends = {"token": None, "whole": last_token_mask(mask)}.get(  # the tokens that carry process rewards
+        args.granularity, None if step_ends is None else step_index(step_ends, mask)[0])
     advantages = prime_advantages(r, outcome, mask, K, args.gamma, args.rloo_variant, args.whiten, all_reduce,
                                   args.estimator, args.credit, ends)
 
@@ -618,13 +624,9 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
 # Setup and the loop (Algorithm 1)
 def run_eval(engine, tokenizer, rows, args, state, step, log):
     """Evaluate the engine's policy, record it (eval.json, eval.md, tracker), return its metrics."""
-    result = rollout.evaluate(engine, tokenizer, rows, args.eval_samples, args.eval_temperature,
-                              args.eval_top_p, allow_unsandboxed=args.allow_unsandboxed_code)
-    state.evals.append({"step": step, **result})
-    log.evals(state.evals)
-    per_source = {f"eval/accuracy/{source}": acc for source, acc in result["per_source"].items()}
-    pass_at = {f"eval/pass@{k}": v for k, v in result["pass_at_k"].items()} if args.eval_samples > 1 else {}
-    return {"eval/accuracy": result["accuracy"], **per_source, **pass_at}
+    return log.evals(state.evals, step, rollout.evaluate(engine, tokenizer, rows, args.eval_samples,
+                                                         args.eval_temperature, args.eval_top_p,
+                                                         allow_unsandboxed=args.allow_unsandboxed_code))
 
 
 def main(args: Args, given=None):
