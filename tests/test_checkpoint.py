@@ -1,5 +1,5 @@
 """checkpoint.py: a run directory is never overwritten by accident, --resume continues the same
-run with its saved flags, Ctrl-C says how to resume. (Exact resume: test_prime_step.py.)"""
+run with its saved flags, Ctrl-C says how to resume. (Exact resume: test_prime.py.)"""
 import json
 import os
 

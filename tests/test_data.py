@@ -167,14 +167,6 @@ def test_prompt_fallback_without_a_chat_template():
     assert tok.decode(data.prompt_token_ids(tok, [{"prompt": messages}])[0]) == data.prompt_text(tok, messages)
 
 
-def test_tokenizer_reads_any_text_and_renders_chat_prompts():
-    tok = bootstrap.build_tokenizer(["345+678=5+8=13", bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
-    text = "Prove that x² ≥ 0 — für alle x ∈ ℝ. 你好"
-    assert tok.decode(tok(text)["input_ids"]) == text
-    ids = data.prompt_token_ids(tok, [data.addition_row(345, 678)])[0]
-    assert tok.decode(ids) == "<|im_start|>user\n345+678=<|im_end|>\n<|im_start|>assistant\n"
-
-
 def test_trainer_routes_each_row_to_its_verifier():
     import rollout
     math_row = data.addition_row(345, 678)
