@@ -165,6 +165,8 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
 
     def generate(self, prompts, greedy=False, temperature=None, top_p=None):
+        # explicit SamplingParams: vLLM reads a checkpoint's generation_config.json only for the
+        # defaults it uses when none are given, so what is sampled is what prime's flags say
         params = self.SamplingParams(
             temperature=0.0 if greedy else self.args.temperature if temperature is None else temperature,
             top_p=1.0 if greedy else self.args.top_p if top_p is None else top_p,
