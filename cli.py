@@ -92,7 +92,8 @@ def check(args):
          "--steps must be >= 0; --max-response-len, --max-filter-rounds and --ppo-epochs >= 1"),
         (args.eval_every < 1, "--eval-every must be at least 1 (it also evaluates at step 0 and the last step)"),
         (args.save_every < 0, "--save-every must be >= 0 (0 = no checkpoints)"),
-        (args.beta <= 0, "--beta must be > 0: it scales the implicit reward beta*log(pi_phi/pi_ref) and the PRM's logit"),
+        (args.beta <= 0, "--beta must be > 0: it scales the implicit reward beta*log(pi_phi/pi_ref) and the PRM's "
+                         "logit"),
         (not 0 <= args.filter_low <= args.filter_high <= 1,
          f"--filter-low ({args.filter_low}) and --filter-high ({args.filter_high}) need 0 <= low <= high <= 1"),
         (args.temperature <= 0 or not 0 < args.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
@@ -110,8 +111,10 @@ def check(args):
         (args.rloo_variant != "official" and args.estimator != "rloo",
          f"--rloo-variant {args.rloo_variant} has no effect with --estimator {args.estimator} (RLOO only)"),
         (args.vllm_sleep and args.rollout != "vllm", "--vllm-sleep has no effect without --rollout vllm"),
-        (args.tis_cap < 0 or args.max_tokens_per_micro_batch < 0, "--tis-cap and --max-tokens-per-micro-batch must be >= 0"),
-        (args.kl_coef > 0 and args.reference == "policy", "--kl-coef needs a frozen reference model: use --reference sft"),
+        (args.tis_cap < 0 or args.max_tokens_per_micro_batch < 0,
+         "--tis-cap and --max-tokens-per-micro-batch must be >= 0"),
+        (args.kl_coef > 0 and args.reference == "policy",
+         "--kl-coef needs a frozen reference model: use --reference sft"),
         (args.prm_model and (args.no_prm or args.process_reward_coef == 0),
          "--prm-model given, but --no-prm (or --process-coef 0) uses no PRM"),
     ]

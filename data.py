@@ -1,4 +1,4 @@
-"""Datasets and prompts for prime: what a fork replaces to train on another task.
+"""Datasets, prompts and batches for prime: what a fork replaces to train on another task.
 
 A row follows the schema of PRIME-RL/Eurus-2-RL-Data:
 
@@ -7,10 +7,14 @@ A row follows the schema of PRIME-RL/Eurus-2-RL-Data:
      "reward_model": {"ground_truth": str, "style": "rule"},   # code: a JSON string of tests
      "extra_info": {...}}                                       # optional, carried along
 
-`load_rows` reads such rows from .parquet (as the dataset ships) and .jsonl files and names the
-file, row and field of anything malformed. `addition_rows` generates the built-in offline task: 3-digit addition whose worked
-solution (one carry-annotated step per digit) ends in \\boxed{sum}, so the policy's answers can be
-checked by the same math verifier that scores real data.
+- The built-in task: N-digit addition (3 by default) whose worked solution (one carry-annotated
+  step per column) ends in \\boxed{sum}, scored by the same math verifier as real data, with its
+  step truth (`first_wrong_step`: where a wrong answer went wrong).
+- `data_files`, `RowFile`, `RowStream`: .parquet (as the dataset ships) and .jsonl files, folders
+  and globs, read and checked as rows are drawn (file, row and field named for anything bad);
+  `load_rows` reads an eval set whole. `load_task`: what a run trains and evaluates on.
+- Prompts through the tokenizer's chat template; batches: padded tensors, length-sorted
+  micro-batches, `training_batch`.
 """
 import bisect
 import glob
@@ -144,7 +148,8 @@ class RowStream:
     tokens is dropped, and both are counted in `counts` (logged every step)."""
 
     def __init__(self, files, seed: int, tokenizer, max_prompt_len: int, skip_bad_rows: bool = False):
-        self.files, self.tokenizer, self.max_prompt_len, self.skip_bad_rows = files, tokenizer, max_prompt_len, skip_bad_rows
+        self.files, self.tokenizer, self.max_prompt_len = files, tokenizer, max_prompt_len
+        self.skip_bad_rows = skip_bad_rows
         self.starts = [0]  # global row index of each file's first row
         for f in files:
             self.starts.append(self.starts[-1] + len(f))

@@ -74,7 +74,8 @@ class HFRollout:
         """prompts: token-id lists -> (responses, the log-prob of each sampled token under the
         distribution it was drawn from, or None if greedy). temperature and top_p default to the
         training rollout's."""
-        from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopPLogitsWarper)
         ids, attn = data.left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         temperature = self.temperature if temperature is None else temperature
