@@ -36,6 +36,7 @@ CONFIGS = {  # name -> the prime.py flags that differ from the default; the ques
     # digit column, trusted only as far as the PRM ranks fresh samples better than chance
 }
 DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
+NOISY = {"outcome-noise-0.2": "prime", "outcome-only-noise-0.2": "outcome-only"}  # -> its clean configuration
 
 
 def offline_prm(seed, args, extra):
@@ -109,6 +110,25 @@ def summarize(rows, target, base="outcome-only"):
                  if n and reach_by.get(base, {}).get(seed)]
         t["vs_base"] = (min(n / b for n, b in pairs), max(n / b for n, b in pairs)) if pairs else None
     return table
+
+
+def noise_kept(rows):
+    """Per noisy configuration whose clean one ran too: (clean, seeds, mean clean gain, mean noisy
+    gain, noisy / clean gain per seed), gains being final - start eval accuracy on the same seeds."""
+    gains = {}  # (config, seed) -> final - start eval accuracy
+    for r in rows:
+        if r["eval_accuracy"] != "":
+            first, _ = gains.get((r["config"], r["seed"]), (r["eval_accuracy"], None))
+            gains[(r["config"], r["seed"])] = (first, r["eval_accuracy"])
+    gain = {key: last - first for key, (first, last) in gains.items()}
+    out = {}
+    for noisy, clean in NOISY.items():
+        seeds = sorted(s for c, s in gain if c == noisy and (clean, s) in gain)
+        if seeds:
+            out[noisy] = (clean, len(seeds), sum(gain[(clean, s)] for s in seeds) / len(seeds),
+                          sum(gain[(noisy, s)] for s in seeds) / len(seeds),
+                          [gain[(noisy, s)] / gain[(clean, s)] for s in seeds])
+    return out
 
 
 def plot(rows, path):
@@ -203,6 +223,13 @@ def main():
         print(f"| {name} | {t['seeds']} | {t['start']:.1%} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) "
               f"| {reach} | {ratio} | {fmt(t['prm_accuracy_first'], '.2f')} / {fmt(t['prm_accuracy_last'], '.2f')} "
               f"| {hit} |")
+    kept = noise_kept(rows)
+    if kept:
+        print("\n| configuration | seeds | clean gain | gain with flipped labels | kept (min-max over seeds) |")
+        print("|---|---:|---:|---:|---:|")
+        for noisy, (clean, n, clean_gain, noisy_gain, ratios) in kept.items():
+            print(f"| {clean} vs {noisy} | {n} | {clean_gain:+.1%} | {noisy_gain:+.1%} "
+                  f"| {noisy_gain / clean_gain:.0%} ({min(ratios):.0%} to {max(ratios):.0%}) |")
     print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} ({(time.time() - t0) / 60:.1f} min)")
 
 

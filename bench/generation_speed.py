@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 import bootstrap  # noqa: E402
 import data  # noqa: E402
 import rollout  # noqa: E402
-from same_work import busy_cpu_seconds  # noqa: E402  (its children count as its own: none here)
+from same_work import busy_cpu_seconds, print_machine  # noqa: E402  (its children count as its own: none here)
 
 EMBEDDED = os.path.expanduser("~/.cache/prime/embedded-addition-v1-seed0-target0.3")
 
@@ -88,11 +88,7 @@ def main():
     p.add_argument("--batches", default="8,16,32,64", help="SmolLM2-shape batch sizes")
     p.add_argument("--prompt-len", type=int, default=150, help="SmolLM2-shape prompt tokens")
     a = p.parse_args()
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
-    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.2f} (1 min) at start")
+    print_machine()
     (all0, own0), t0 = busy_cpu_seconds(), time.time()
     bandwidth, copy = memory_bandwidth()
     print(f"memory bandwidth: read {bandwidth / 1e9:.1f} GB/s (the limit below), copy {copy / 1e9:.1f} GB/s "

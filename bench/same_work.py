@@ -188,6 +188,16 @@ def busy_cpu_seconds():
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def print_machine():
+    """The command and the machine's state at start (threads and load decide CPU timings)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.2f} (1 min) at start")
+
+
 def others_share(fn):
     """(fn(), the share of the machine's CPUs that other processes used while it ran)."""
     (all0, own0), t0 = busy_cpu_seconds(), time.time()
@@ -219,12 +229,7 @@ def main():
                    "than this share of the CPUs during it (other jobs slow PyTorch many-fold)")
     p.add_argument("--tries", type=int, default=3, help="runs of each at most, per round")
     a = p.parse_args()
-    import torch
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]))
-    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.2f} (1 min) at start")
+    print_machine()
     folder = tempfile.mkdtemp(prefix="same-work-")
     params, vocab = build_work(folder)
     print(f"work: Qwen2 {params / 1e6:.2f}M params, vocab {vocab}, {PROMPTS} prompts x K={K}, {NEW_TOKENS} new "

@@ -44,6 +44,20 @@ def test_samples_seen_and_samples_to_target_by_hand():
     assert b["samples_to_target"] is None and b["final"] == 0.6 and b["prm_accuracy_last"] is None
 
 
+def test_noise_kept_by_hand():
+    rows = []
+    for name, seed, evals in (("prime", 0, [0.2, 0.6]), ("prime", 1, [0.2, 0.4]), ("outcome-noise-0.2", 0, [0.2, 0.4]),
+                              ("outcome-noise-0.2", 1, [0.2, 0.1]), ("outcome-only-noise-0.2", 0, [0.2, 0.3])):
+        rows += ablation.curve_rows(name, seed, metrics(evals))
+    kept = ablation.noise_kept(rows)
+    # clean gains 0.4 and 0.2 (mean 0.3); noisy 0.2 and -0.1 (mean 0.05): kept 0.5 and -0.5 per seed;
+    # outcome-only-noise-0.2 has no clean run to compare with
+    assert list(kept) == ["outcome-noise-0.2"]
+    clean, n, clean_gain, noisy_gain, ratios = kept["outcome-noise-0.2"]
+    assert (clean, n) == ("prime", 2) and clean_gain == pytest.approx(0.3) and noisy_gain == pytest.approx(0.05)
+    assert ratios == [pytest.approx(0.5), pytest.approx(-0.5)]
+
+
 # prime.py flags for runs of a few seconds
 TINY_RUN = ["--eval-size", "4", "--eval-every", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
             "--max-response-len", "4", "--filter-low", "0", "--filter-high", "1", "--mini-batch-size", "4",

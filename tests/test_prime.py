@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import checkpoint
-import cli
 import data
 import prime
 import rollout
@@ -662,11 +661,6 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     for name in ("policy", "prm"):
         assert torch.equal(weights(resumed[name]), weights(straight[name])), name
     assert [os.path.basename(c) for c in checkpoint.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000004"]
-
-
-def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
-    with pytest.raises(cli.UsageError, match="no complete checkpoint"):
-        run(tiny_model_dir, tmp_path, "empty", resume=True)
 
 
 def write_rows(path, rows):
