@@ -7,10 +7,10 @@
 #   bash run_smollm2.sh                                       # converts and generates once, then trains
 #   bash run_smollm2.sh --steps 3 --run-dir /tmp/smollm2-run  # extra flags are passed to prime.py
 #
-# Sizes are for a 2-core CPU (measured on one, fp32): a step took 64-78 s on the idle machine
-# (two threads), 103-115 s on one thread while another job held the other core.
-# Peak memory ~9 GB (policy, PRM, reference, rollout copy, two AdamW states). On a shared machine
-# set OMP_NUM_THREADS=1: two threads competing for a busy core stalled generation 30-fold.
+# Sizes are for a 2-core CPU (measured on one, fp32, idle, two threads: README): a step took
+# 50-58 s, peak memory 7.5 GiB (policy, PRM, reference, rollout copy, two AdamW states). On a
+# shared machine set OMP_NUM_THREADS=1: two threads competing for a busy core stalled generation
+# 30-fold.
 set -euo pipefail
 
 MODEL=${MODEL:-$HOME/.cache/prime/smollm2-135m-instruct}  # the converted HF folder (538 MB, fp32)
@@ -21,12 +21,12 @@ DATA_DIR=${DATA_DIR:-$HOME/.cache/prime/smollm2-data}     # train.jsonl, eval.js
 
 python prime.py \
   --model "$MODEL" --data "$DATA_DIR/train.jsonl" --eval-data "$DATA_DIR/eval.jsonl" \
-  --steps 60 `# 1.5-2.5 hours with the evals` \
+  --steps 60 `# ~65 minutes with the evals (60 x ~55 s + 7 x ~90 s, idle)` \
   --prompts-per-step 2 --samples-per-prompt 4 `# 8 responses per step: a 2-core CPU trains about that many a minute` \
   --max-response-len 128 `# answers take ~45 tokens; rambling ones are cut, and score 0 without a box` \
   --temperature 0.8 `# 30-45% of sampled answers right: many groups pass the 0.2-0.8 filter` \
   --lr 1e-6 --prm-lr 2e-6 `# the paper's 2:1 PRM:policy ratio (1e-6 and 5e-7 at 7B), doubled for 135M` \
   --mini-batch-size 8 `# one policy and one PRM update per step` \
   --micro-batch-size 4 `# memory only` \
-  --eval-every 10 `# greedy, 30 held-out problems per family: ~100 s on one thread` \
+  --eval-every 10 `# greedy, 30 held-out problems per family: ~90 s (idle, two threads)` \
   "$@"
