@@ -8,7 +8,8 @@ Runs `prime.py` once per (configuration, seed), seed-major (every configuration 
 on seed 1, ...) so a budget cut short still compares configurations on the same seeds. Every run
 has the same flags except its switch. Writes curves.csv and curves.png (eval accuracy against
 samples seen, mean and min-max across seeds) in --out and prints, per configuration, the final
-accuracy and the samples needed to reach --target, with the ratio against outcome-only.
+accuracy and the samples needed to reach --target, with the ratio against outcome-only, and for
+each --outcome-noise configuration the fraction of its clean configuration's gain it keeps.
 Runs already finished in --out are read, not rerun, so an interrupted sweep continues.
 """
 import argparse
