@@ -95,12 +95,17 @@ def step_truth(tokenizer, rows, responses, width):
                                                                                      for f in first])
 
 
+def random_pair(rng: random.Random, digits: int) -> tuple[int, int]:
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    return rng.randint(lo, hi), rng.randint(lo, hi)
+
+
 def addition_pairs(n: int, seed: int, exclude: frozenset = frozenset(), digits: int = 3) -> list[tuple[int, int]]:
     """n distinct (a, b) pairs of `digits`-digit numbers, none in `exclude` (keeps eval problems
     out of training: 'fresh problems of the same family')."""
-    rng, pairs, lo, hi = random.Random(seed), {}, 10 ** (digits - 1), 10 ** digits - 1
+    rng, pairs = random.Random(seed), {}
     while len(pairs) < n:
-        pair = (rng.randint(lo, hi), rng.randint(lo, hi))
+        pair = random_pair(rng, digits)
         if pair not in exclude:
             pairs[pair] = None  # a dict keeps insertion order, so the list is seed-deterministic
     return list(pairs)
@@ -133,9 +138,9 @@ class AdditionStream:
         self.rng.setstate(state["rng"])
 
     def take(self, n: int) -> list[dict]:
-        rows, lo, hi = [], 10 ** (self.digits - 1), 10 ** self.digits - 1
+        rows = []
         while len(rows) < n:
-            a, b = self.rng.randint(lo, hi), self.rng.randint(lo, hi)
+            a, b = random_pair(self.rng, self.digits)
             if addition_question(a, b) not in self.exclude:
                 rows.append(addition_row(a, b, self.digits))
         return rows

@@ -222,7 +222,7 @@ def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, bat
                                      top_p=top_p)[0]
     scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine, allow_unsandboxed)
     problems = [(mine[i].get("data_source", ""), scores[i:i + samples].tolist()) for i in range(0, len(mine), samples)]
-    totals, ks = {}, sorted({2 ** j for j in range(samples.bit_length()) if 2 ** j <= samples} | {samples})
+    totals, ks = {}, sorted({2 ** j for j in range(samples.bit_length())} | {samples})
     passes = dict.fromkeys(ks, 0.0)  # sum over problems of each one's pass@k
     for per_rank in distributed.gather_objects(problems):  # every problem once, over all ranks
         for source, outcomes in per_rank:
