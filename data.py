@@ -200,10 +200,12 @@ def step_end_mask(tokenizer, responses, separator, width):
     """1 on each response token whose text contains `separator` (it ends a reasoning step), as
     [B, width] for responses given as token-id lists. Tokens are decoded one by one: a token's
     text is its span of the response, so step boundaries fall on token boundaries."""
+    distinct = sorted({token for ids in responses for token in ids})  # each decoded once
+    texts = tokenizer.batch_decode([[token] for token in distinct])
+    is_end = {token: separator in text for token, text in zip(distinct, texts)}
     ends = torch.zeros(len(responses), width)
     for i, ids in enumerate(responses):
-        for t, text in enumerate(tokenizer.batch_decode([[token] for token in ids])):
-            ends[i, t] = float(separator in text)
+        ends[i, :len(ids)] = torch.tensor([float(is_end[token]) for token in ids])
     return ends
 
 
@@ -487,14 +489,15 @@ class Groups(NamedTuple):  # this rank's kept groups of a step: K responses per 
     outcome: torch.Tensor  # [n]
 
 
-def training_batch(groups, tokenizer, args, pad_id, device):
+def training_batch(groups, tokenizer, args, pad_id, device, with_truth=True):
     """What prime.prime_step takes for a step's kept groups: the collated batch, the
-    engine's log-probs [B, R] (or None), the --granularity step ends, the task's step truth."""
+    engine's log-probs [B, R] (or None), the --granularity step ends, the task's step truth
+    (None unless with_truth: only a PRM's rewards are checked against it)."""
     batch = tuple(t.to(device) for t in collate(groups.prompts, groups.responses, pad_id))
     R = batch[2].shape[1]
     engine_logp = None if None in groups.engine_logps else torch.tensor(
         [lp + [0.0] * (R - len(lp)) for lp in groups.engine_logps], device=device)
     step_ends = step_end_mask(tokenizer, groups.responses, args.step_separator, R).to(device) \
         if args.granularity == "step" else None
-    truth = step_truth(tokenizer, groups.rows, groups.responses, R)
+    truth = step_truth(tokenizer, groups.rows, groups.responses, R) if with_truth else None
     return batch, engine_logp, step_ends, truth and tuple(t.to(device) for t in truth)

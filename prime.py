@@ -665,7 +665,8 @@ def main(args: Args, given=None):
             outcome, metrics = groups.outcome.to(device), {"step": step, **metrics}
             metrics.update({f"data/train_{key}": n for key, n in stream.counts.items()})  # so far
             if groups.responses:  # else every group was all right or all wrong: nothing to learn this step
-                batch, *extra = data.training_batch(groups, tokenizer, args, engine.pad_id, device)
+                batch, *extra = data.training_batch(groups, tokenizer, args, engine.pad_id, device,
+                                                    with_truth=models.prm is not None)
                 engine.sleep()  # its memory is the trainer's until the sync below
                 # 4-7. log-probs, PRM update on outcome labels, advantages, PPO-clip policy update
                 q, _, step_metrics = prime_step(models, batch, outcome, args, state, *extra)

@@ -2,9 +2,11 @@ import json
 import os
 
 import pytest
+import torch
 
 import bootstrap
 import data
+import prime
 from verifier import math_reward
 
 
@@ -228,3 +230,9 @@ def test_longer_addition_and_its_step_truth():
     ends, first = data.step_truth(tok, [row, row], responses, 40)
     assert first.tolist() == [-1, 1] and ends[1].sum() == 2  # two commas: steps 0, 1 and the rest
     assert data.step_truth(tok, [dict(row, data_source="x")], responses[:1], 40) is None
+    # training_batch hands the truth on only when asked (a PRM's rewards are checked against it)
+    groups = data.Groups([[1, 2]] * 2, responses, [row, row], [None, None], torch.tensor([1.0, 0.0]))
+    args = prime.Args(granularity="step", step_separator=",")
+    batch, _, step_ends, truth = data.training_batch(groups, tok, args, 0, torch.device("cpu"))
+    assert torch.equal(truth[0], ends[:, :batch[2].shape[1]]) and torch.equal(step_ends, truth[0])
+    assert data.training_batch(groups, tok, args, 0, torch.device("cpu"), with_truth=False)[3] is None
