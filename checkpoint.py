@@ -95,7 +95,7 @@ class RunLog:
             for path in paths:
                 _truncate_jsonl(path, resume_step)
         self.files = [open(path, "a" if resume_step is not None else "w") for path in paths]
-        self.tracker = _tracker(args, run_dir) if self.main and args.report_to != "none" else None
+        self.tracker = _tracker(args, run_dir, resume_step) if self.main and args.report_to != "none" else None
 
     def metrics(self, metrics):
         self._write(self.files[0], [metrics])
@@ -130,14 +130,17 @@ class RunLog:
             self.tracker.close()
 
 
-def _tracker(args, run_dir):
+def _tracker(args, run_dir, resume_step=None):
     """--report-to's writer: TensorBoard event files in RUN_DIR/tensorboard, or a W&B run (online,
     or a local one with WANDB_MODE=offline) whose id comes from the run directory, so that
-    --resume continues the same W&B run."""
+    --resume continues the same W&B run. TensorBoard's event files are append-only: a resumed run
+    marks the steps after its checkpoint purged (TensorBoard hides what the crashed run logged
+    there), as metrics.jsonl is truncated; W&B keeps the crashed run's values of those steps."""
     numbers = lambda m: {k: float(v) for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
     if args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                               purge_step=None if resume_step is None else resume_step + 1)
         return SimpleNamespace(
             metrics=lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in numbers(m).items()] and writer.flush(),
             table=lambda step, md: writer.add_text("eval", md.replace("\n", "  \n"), step), close=writer.close)

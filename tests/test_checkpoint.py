@@ -91,6 +91,24 @@ def test_tensorboard_gets_every_metric_with_its_name_and_step(tiny_model_dir, tm
     assert "eval/text_summary" in events.Tags()["tensors"]  # the eval table, at each eval
 
 
+def test_tensorboard_after_resume_has_one_value_per_step(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir, save = tmp_path / "run", checkpoint.save
+    with monkeypatch.context() as m:  # as if it crashed after logging step 3 and saved only step 1
+        m.setattr(checkpoint, "save", lambda *a: save(*a) if a[-1].step == 1 else None)
+        run_prime(tiny_model_dir, run_dir, report_to="tensorboard", steps=3, save_every=1)
+    run_prime(tiny_model_dir, run_dir, report_to="tensorboard", steps=3, save_every=1, resume=True)  # 2, 3 again
+    assert len(os.listdir(run_dir / "tensorboard")) == 2  # the crashed run's events are still on disk
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    for key in ["policy/loss", "rollout/accuracy"]:
+        assert [e.step for e in events.Scalars(key)] == [1, 2, 3], key
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([m[key] for m in metrics[1:]]), key
+
+
 def test_wandb_offline_writes_a_local_run_and_resume_continues_it(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
