@@ -17,6 +17,7 @@ from a thread. Calling it from a thread raises at once rather than silently scor
 """
 
 import atexit
+import ctypes
 import json
 import math
 import os
@@ -214,6 +215,18 @@ def extract_code(text: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
+def _die_with_parent(parent_pid: int):
+    """Be SIGKILLed when the process that started this one dies, however it dies (SIGKILL, the
+    OOM killer): an orphan would run its item, or its test program, to the end (Linux's
+    PR_SET_PDEATHSIG; elsewhere a no-op). If the parent is already gone, exit now."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: not Linux
+        return
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
 def _limit_resources(timeout_s, limit_procs: bool):
     """preexec_fn: the limits every test runs under (set in the child before exec, inherited), in
     its own process group, so that one kill reaches every child it forks (see _run_sandboxed).
@@ -221,8 +234,13 @@ def _limit_resources(timeout_s, limit_procs: bool):
     RLIMIT_NPROC counts all processes of a user, so it is set only where the test runs as
     `nobody` (see _sandbox_command); a normal user's limit would count their own trainer. Either
     way the pid namespace and the wall-clock kill end every process of a test."""
+    parent = os.getpid()
+
     def apply():
         os.setpgid(0, 0)
+        # dies with its worker, however the worker dies (a killed trainer kills its workers); what
+        # an unsandboxed program forks is not covered (_Worker.close finds those, when it runs)
+        _die_with_parent(parent)
         resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(timeout_s) + 1,) * 2)
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES,) * 2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_OUTPUT_BYTES,) * 2)
@@ -433,6 +451,7 @@ def _serve():
     """Worker loop: warm up and say "ready", then read one JSON item per line on stdin and write
     its (reward, reason) on stdout."""
     global _SANDBOX_STATUS, _WARNED_UNSANDBOXED
+    _die_with_parent(int(os.environ["PRIME_VERIFIER_PARENT"]))  # a killed trainer leaves no worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # a stray print in a checker goes to stderr, not into the replies
@@ -454,8 +473,8 @@ class _Worker:
 
     def __init__(self):
         self.tmp_dir = tempfile.mkdtemp(prefix="prime_verifier_")
-        env = dict(os.environ, TMPDIR=self.tmp_dir, PYTHONPATH=os.pathsep.join(
-            p for p in (_HERE, os.environ.get("PYTHONPATH")) if p))
+        env = dict(os.environ, TMPDIR=self.tmp_dir, PRIME_VERIFIER_PARENT=str(os.getpid()),
+                   PYTHONPATH=os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen([sys.executable, "-c", "import verifier; verifier._serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                      start_new_session=True)

@@ -656,3 +656,43 @@ def test_without_a_sandbox_a_killed_worker_leaves_no_test_process_behind(no_sand
         worker.close()
         for pid in processes_with(marker):  # what a failure left behind
             os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an orphan's zombie waits for init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_trainer_leaves_no_worker_and_no_test_program_behind(tmp_path):
+    # The trainer SIGKILLed (the OOM killer) while a worker runs a long item: 60 tests of a program
+    # that sleeps, 5 s each, 300 s in all. The worker and the program die with the trainer.
+    marker = f"prime_orphan_{os.getpid()}_{time.monotonic_ns()}"
+    program = block(f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; "
+                    f"time.sleep(600)', {marker!r}])")
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import json, sys, time, verifier\n"
+        "verifier.shutil.which = lambda name: None  # unsandboxed: no pid namespace kills the program\n"
+        "worker = verifier._Worker()\n"
+        "assert worker.receive() == 'ready'\n"
+        f"item = [{program!r}, {{'inputs': [''] * 60, 'outputs': [''] * 60}}, 'code', verifier.sandbox_status(), True]\n"
+        "worker.send(0, json.dumps(item), 3600)\n"
+        "print(worker.proc.pid, flush=True)\n"
+        "time.sleep(3600)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(verifier.__file__))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker_pid = None
+    try:
+        worker_pid = int(trainer.stdout.readline())
+        assert poll(lambda: len(processes_with(marker)) == 1, 300)  # the worker is busy with the item
+        trainer.kill()
+        trainer.wait()
+        assert poll(lambda: not alive(worker_pid) and processes_with(marker) == [], 60), processes_with(marker)
+    finally:
+        trainer.kill()
+        for pid in processes_with(marker) + ([worker_pid] if worker_pid and alive(worker_pid) else []):
+            os.kill(pid, signal.SIGKILL)
