@@ -127,6 +127,9 @@ class Args:
                                              "responses sorted by length (verl's dynamic batch); 0 = no cap")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (policy and PRM): "
                                               "less memory, ~30%% more compute")
+    share_prompts: bool = arg(False, "forward each distinct prompt of a micro-batch once, its KV cache "
+                                     "shared by its responses: the same numbers up to float rounding, the "
+                                     "prompt's compute / K (ignored with --gradient-checkpointing)")
     tis_cap: float = arg(0.0, "truncated importance sampling: weight each token's policy loss by "
                               "min(pi_old / pi_engine, C) for the engine-vs-trainer mismatch; 0 = off")
     kl_coef: float = arg(0.0, "weight of a k3 KL(policy || frozen reference) loss term")
@@ -155,7 +158,8 @@ def _local(x, op):
     return x
 
 
-def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1.0, with_entropy=False):
+def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1.0, with_entropy=False,
+                   share_prompts=False):
     """log pi(y_t | x, y_<t) of the last `response_len` tokens of input_ids [B, P+R] -> [B, R] fp32.
 
     The token at position p is predicted by the logits at p-1. Prompts are left-padded, so
@@ -164,11 +168,15 @@ def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1
     time: without grad only one row's fp32 [R, vocab] copy exists at once (with grad, autograd
     keeps every row's; the model's own logits are [B, R, vocab] in its dtype either way).
     `temperature`: a float, or a set of them: one forward, {temperature: [B, R]}. with_entropy
-    also returns the entropy [B, R] (at the highest temperature), with grad only if "grad"."""
+    also returns the entropy [B, R] (at the highest temperature), with grad only if "grad".
+    share_prompts: the prompt's compute divided by K (see shared_prompt_logits)."""
     temps = sorted(temperature, reverse=True) if isinstance(temperature, (set, frozenset)) else [temperature]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
+    if share_prompts and response_len > 1 and not model.is_gradient_checkpointing:
+        logits = shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
     targets = input_ids[:, -response_len:]
     logps, entropies = {t: [] for t in temps}, []
     for row_logits, row_targets in zip(logits, targets):
@@ -182,6 +190,26 @@ def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1
     logp = {t: torch.stack(rows) for t, rows in logps.items()}
     logp = logp if isinstance(temperature, (set, frozenset)) else logp[temperature]
     return (logp, torch.stack(entropies)) if with_entropy else logp
+
+
+def shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len):
+    """token_logprobs' logits [B, R, vocab] with each distinct prompt run once: the responses that
+    share it attend to its KV cache, indexed out to them (the index's backward sums their
+    gradients). The same numbers up to float rounding. Not under gradient checkpointing: HF drops
+    a cache passed to a checkpointed layer."""
+    from transformers import DynamicCache
+    P = input_ids.shape[1] - response_len
+    prompts = [tuple(p) for p in input_ids[:, :P].tolist()]  # one prompt, one left padding
+    distinct = list(dict.fromkeys(prompts))
+    first = torch.tensor([prompts.index(p) for p in distinct], device=input_ids.device)
+    inverse = torch.tensor([distinct.index(p) for p in prompts], device=input_ids.device)
+    cache = DynamicCache(config=model.config)
+    last = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P], use_cache=True,
+                 position_ids=position_ids[first, :P], past_key_values=cache, logits_to_keep=1).logits
+    cache.batch_select_indices(inverse)
+    rest = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1], use_cache=True,
+                 position_ids=position_ids[:, P:-1], past_key_values=cache).logits  # last token: no target
+    return torch.cat([last[inverse], rest], 1)
 
 
 def implicit_rewards(prm_logp, ref_logp, mask):
@@ -411,7 +439,8 @@ def batched_logprobs(model, batch, args, temperatures):
     mask = batch[2]
     out = {t: torch.zeros_like(mask) for t in temperatures}
     for idx, ids, attn, r in micro_batches(batch, torch.arange(len(mask)), args):
-        for t, logp in token_logprobs(model, ids, attn, r, frozenset(temperatures)).items():
+        logps = token_logprobs(model, ids, attn, r, frozenset(temperatures), share_prompts=args.share_prompts)
+        for t, logp in logps.items():
             out[t][idx] = padded(logp, mask.shape[1]) * mask[idx]
     return out
 
@@ -436,7 +465,8 @@ def update_prm(prm, opt, batch, ref_logp, outcome, args):
     for lo in range(0, B, mini):  # contiguous mini-batches, as the official code splits
         rows = torch.arange(lo, min(lo + mini, B), device=mask.device)
         for idx, ids, attn, r in micro_batches(batch, rows, args):
-            q_mb = implicit_rewards(padded(token_logprobs(prm, ids, attn, r), R), ref_logp[idx], mask[idx])
+            logp = token_logprobs(prm, ids, attn, r, share_prompts=args.share_prompts)
+            q_mb = implicit_rewards(padded(logp, R), ref_logp[idx], mask[idx])
             loss = prm_ce_loss(q_mb, mask[idx], outcome[idx], args.beta)
             (loss * len(idx) / len(rows)).backward()  # mean over the mini-batch's sequences
             q[idx] = q_mb.detach()
@@ -471,7 +501,7 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
             for idx, ids_mb, attn_mb, r in micro_batches(batch, rows, args):
                 m = mask[idx]
                 logp, entropy = token_logprobs(policy, ids_mb, attn_mb, r, args.temperature,
-                                               with_entropy="grad" if args.entropy_coef > 0 else True)
+                                               "grad" if args.entropy_coef > 0 else True, args.share_prompts)
                 logp, entropy = padded(logp, R), padded(entropy, R)
                 if on_policy:
                     old_logp[idx] = logp.detach() * m

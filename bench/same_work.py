@@ -9,9 +9,10 @@ of 516 tokens, 16 prompts x K=4 samples per step (one mini-batch of all 64), 64 
 accuracy filter. TRL: beta=0 (no reference model) and generation aligned with the optimizer step
 (no old log-prob pass), gradient checkpointing off as in prime (TRL's default, on, is run too, for
 reference). prime: --no-prm (outcome-only RLOO) and the default PRIME step (implicit PRM + frozen
-reference). Each system is a fresh `prime.py` or TRL process per run, run in turn (TRL, TRL with
-checkpointing, prime --no-prm, prime, pieces; repeated --rounds times) so a change of load hits all
-of them alike; each run waits for an idle machine and is rerun (--tries) if other processes took
+reference), each also with --share-prompts (each prompt's forward computed once for its K
+responses: less arithmetic than the work, the same numbers up to rounding). Each system is a
+fresh `prime.py` or TRL process per run, run in turn (TRL, TRL with checkpointing, the four prime
+runs, pieces; repeated --rounds times) so a change of load hits all of them alike; each run waits for an idle machine and is rerun (--tries) if other processes took
 more than --max-others of the CPUs meanwhile (the tables show the worst share kept); the first
 --warmup steps of every run are left out of the medians. prime's step is
 `perf/step_seconds` from its metrics.jsonl (eval is not in it); TRL's is on_step_begin -> on_step_end.
@@ -237,7 +238,9 @@ def main():
     runs = {"TRL GRPOTrainer": lambda: run_trl(folder, a.steps, a.trl_python),
             "TRL, its default gradient checkpointing": lambda: run_trl(folder, a.steps, a.trl_python, True),
             "prime --no-prm": lambda: run_prime(folder, a.steps, ["--no-prm"]),
-            "prime (PRIME)": lambda: run_prime(folder, a.steps, [])}
+            "prime --no-prm --share-prompts": lambda: run_prime(folder, a.steps, ["--no-prm", "--share-prompts"]),
+            "prime (PRIME)": lambda: run_prime(folder, a.steps, []),
+            "prime (PRIME) --share-prompts": lambda: run_prime(folder, a.steps, ["--share-prompts"])}
     steps, others, pieces = {name: [] for name in runs}, {name: [] for name in [*runs, "pieces"]}, {}
     for r in range(a.rounds):
         for name, run in runs.items():
@@ -268,9 +271,10 @@ def main():
     print(f"\n| system | its necessary pieces | sum s | step / sum |\n|---|---|---:|---:|")
     for name, (what, total) in sums.items():
         print(f"| {name} | {what} | {total:.2f} | {med[name] / total:.2f} |")
-    print(f"\ntargets: prime --no-prm <= 0.85x TRL: {med['prime --no-prm'] / trl:.2f}x; PRIME step <= 1.1x its "
-          f"pieces: {med['prime (PRIME)'] / sums['prime (PRIME)'][1]:.2f}x (verify, not in the sums: "
-          f"{piece['verify']:.3f} s); load average (1 min) at end {os.getloadavg()[0]:.2f}")
+    print(f"\ntargets: prime --no-prm <= 0.85x TRL: {med['prime --no-prm'] / trl:.2f}x, with --share-prompts "
+          f"{med['prime --no-prm --share-prompts'] / trl:.2f}x; PRIME step <= 1.1x its pieces: "
+          f"{med['prime (PRIME)'] / sums['prime (PRIME)'][1]:.2f}x (verify, not in the sums: {piece['verify']:.3f} s); "
+          f"load average (1 min) at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

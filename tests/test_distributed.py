@@ -47,10 +47,11 @@ def perturbed_prm(model_dir):
     return path
 
 
-def one_step(model_dir, rank, world, loss_agg):
+def one_step(model_dir, rank, world, loss_agg, **overrides):
     """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights."""
-    args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS, micro_batch_size=2,
-                      loss_agg=loss_agg, beta=0.5, prm_model=os.path.join(model_dir, "perturbed-prm"))
+    args = prime.Args(**{"model": model_dir, "samples_per_prompt": K, "mini_batch_size": K * GROUPS,
+                         "micro_batch_size": 2, "loss_agg": loss_agg, "beta": 0.5,
+                         "prm_model": os.path.join(model_dir, "perturbed-prm"), **overrides})
     policy, prm, ref, *_ = prime.setup_models(args, model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, responses, outcome = fixed_batch()
@@ -82,8 +83,10 @@ def rank_main(rank, world, port, model_dir, out_dir, job):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         if job == "steps":
-            torch.save({agg: one_step(model_dir, rank, world, agg) for agg in ("seq-mean-token-mean", "token-mean")},
-                       os.path.join(out_dir, f"rank{rank}.pt"))
+            steps = {agg: one_step(model_dir, rank, world, agg) for agg in ("seq-mean-token-mean", "token-mean")}
+            # --share-prompts: micro-batches of 4 hold both responses of some prompts
+            steps["shared"] = one_step(model_dir, rank, world, "token-mean", share_prompts=True, micro_batch_size=4)
+            torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the whole trainer for two steps, with a checkpoint
             verifier.score_batch = parity_scores
             settings = dict(model=model_dir, prompts_per_step=4, samples_per_prompt=2, max_response_len=6, eval_size=6,
@@ -108,8 +111,8 @@ def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
     perturbed_prm(tiny_model_dir)
     spawn("steps", tiny_model_dir, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for agg in ("seq-mean-token-mean", "token-mean"):
-        single = one_step(tiny_model_dir, 0, 1, agg)
+    for agg in ("seq-mean-token-mean", "token-mean", "shared"):  # shared: two ranks with --share-prompts
+        single = one_step(tiny_model_dir, 0, 1, "token-mean" if agg == "shared" else agg)
         two = [r[agg] for r in ranks]
         adv_single, adv_two = torch.cat(single["advantages"]), torch.cat(two[0]["advantages"] + two[1]["advantages"])
         assert adv_single.abs().max() > 0.1 and torch.allclose(adv_single, adv_two, atol=1e-5), agg

@@ -5,6 +5,7 @@ In the end-to-end part the verifier is replaced by a deterministic fake (outcome
 response length), so an untrained model still gets mixed right/wrong groups and every reward path
 carries signal (verifier.score_batch itself is tested in test_verifier.py).
 """
+import copy
 import json
 import math
 import os
@@ -70,6 +71,36 @@ def test_token_logprobs_entropy(tiny_lm):
     p = torch.softmax(logits[1], -1)
     assert ent[0, 0].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
     assert torch.equal(logp, prime.token_logprobs(tiny_lm, ids, attn, 2))
+
+
+def test_token_logprobs_with_shared_prompts_matches_one_forward_per_sequence(tiny_lm):
+    # K = 2 responses per prompt, prompts of different lengths (left padding), ragged responses
+    prompts = [[3, 4, 5, 6, 7]] * 2 + [[8, 9]] * 2 + [[10, 11, 12]]
+    responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28], [29, 30]]
+    ids, attn, mask = prime.collate(prompts, responses, 0)
+    with torch.no_grad():
+        logp, ent = prime.token_logprobs(tiny_lm, ids, attn, 3, {1.0, 0.7}, True, share_prompts=True)
+        plain_logp, plain_ent = prime.token_logprobs(tiny_lm, ids, attn, 3, {1.0, 0.7}, True)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        with torch.no_grad():
+            logits = tiny_lm(input_ids=torch.tensor([p + r])).logits[0].float()
+        for t in (1.0, 0.7):
+            expected = [torch.log_softmax(logits[len(p) + j - 1] / t, -1)[r[j]].item() for j in range(len(r))]
+            assert_close(logp[t][i, :len(r)], expected)
+    assert_close(ent * mask, plain_ent * mask)
+    # gradients: the cache's index sums the K responses' gradients into their one prompt
+    model = copy.deepcopy(tiny_lm).train()
+    grads = []
+    for share in (False, True):
+        (prime.token_logprobs(model, ids, attn, 3, share_prompts=share) * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    for plain, shared in zip(*grads):
+        assert_close(shared, plain)
+    # under gradient checkpointing HF drops the cache: the flag falls back to the plain forward
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # as distributed.py
+    assert torch.equal(prime.token_logprobs(model, ids, attn, 3, share_prompts=True).detach(),
+                       prime.token_logprobs(model, ids, attn, 3).detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +536,17 @@ def test_prm_update_none_keeps_prm_frozen(tiny_model_dir, tmp_path):
     # results depend on memory layout), which batch_norm would scale up to O(1) rewards (README).
     outcome_only = run(tiny_model_dir, tmp_path, "outcome", no_prm=True)
     torch.testing.assert_close(weights(out["policy"]), weights(outcome_only["policy"]), atol=1e-4, rtol=0)  # lr 1e-3 steps
+
+
+def test_share_prompts_reaches_every_forward_of_a_step(tiny_model_dir, tmp_path, monkeypatch):
+    settings = dict(micro_batch_size=6, steps=1, reward_norm="none")  # K = 2 per forward; batch_norm
+    plain = run(tiny_model_dir, tmp_path, "plain", **settings)  # would scale q's float noise up to O(1)
+    calls, shared_logits = [], prime.shared_prompt_logits
+    monkeypatch.setattr(prime, "shared_prompt_logits", lambda model, *a: calls.append(model) or shared_logits(model, *a))
+    shared = run(tiny_model_dir, tmp_path, "shared", share_prompts=True, **settings)
+    assert {id(m) for m in calls} == {id(shared["policy"]), id(shared["prm"]), id(shared["ref"])}
+    for key in ("policy/loss", "prm/loss", "policy/entropy"):  # the same up to rounding
+        assert shared["metrics"][1][key] == pytest.approx(plain["metrics"][1][key], rel=1e-5, abs=1e-6), key
 
 
 def test_offline_prm_loads_prm_model_and_keeps_it_frozen(tiny_model_dir, default_run, tmp_path):

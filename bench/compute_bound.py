@@ -1,0 +1,96 @@
+"""Where an outcome-only step's time goes on bench/same_work.py's work, against the CPU's limit.
+
+    python bench/compute_bound.py [--reps 5]
+
+Timed in this process on same_work's 4.1M Qwen2 and one batch of its 64 sampled responses:
+- the CPU's fp32 matmul rate: a 2048 square, and the shape of the model's MLP on that batch;
+- one policy forward+backward as prime does it (`prime.token_logprobs`, its log-softmax one row
+  at a time), the same with one log-softmax over the batch (what the row loop costs), and its
+  linear layers' FLOPs (6 x their multiply-adds: forward, input and weight gradients) per second;
+- the same forward+backward with --share-prompts (each distinct prompt computed once, its KV cache
+  shared by its K responses): less arithmetic than the work itself, the same numbers up to
+  rounding.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+import prime  # noqa: E402
+import rollout  # noqa: E402
+from same_work import K, NEW_TOKENS, PROMPTS, build_work, print_machine  # noqa: E402
+
+
+def median_seconds(fn, reps):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
+    print_machine()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = tempfile.mkdtemp(prefix="compute-bound-")
+    build_work(folder)
+    load = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    policy, engine = load().train(), rollout.HFRollout(load(), tokenizer, NEW_TOKENS, 1.0, 1.0)
+    rows = [json.loads(line) for line in open(os.path.join(folder, "train.jsonl"))][:PROMPTS]
+    prompts = data.prompt_token_ids(tokenizer, [r for r in rows for _ in range(K)])
+    torch.manual_seed(0)
+    ids, attn, mask = prime.collate(prompts, engine.generate(prompts)[0], engine.pad_id)
+    B, R = mask.shape
+    P = ids.shape[1] - R
+
+    def fwd_bwd(logps):
+        def run():
+            ((logps() * mask).sum() / mask.sum()).backward()
+            policy.zero_grad(set_to_none=True)
+        return run
+
+    prime_fb = median_seconds(fwd_bwd(lambda: prime.token_logprobs(policy, ids, attn, R)), a.reps)
+    plain_fb = median_seconds(fwd_bwd(lambda: policy(input_ids=ids, attention_mask=attn, use_cache=False,
+                                                     logits_to_keep=R + 1).logits[:, :-1].log_softmax(-1)
+                                      .gather(-1, ids[:, -R:, None]).squeeze(-1)), a.reps)
+    shared = lambda: prime.token_logprobs(policy, ids, attn, R, share_prompts=True)
+    shared_fb = median_seconds(fwd_bwd(shared), a.reps)
+    gap = ((shared() - prime.token_logprobs(policy, ids, attn, R)).detach() * mask).abs().max().item()
+
+    linears = [m for m in policy.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    macs = sum(m.in_features * m.out_features for m in linears) * B * (P + R) \
+        + policy.lm_head.in_features * policy.lm_head.out_features * B * R
+    square, mlp_in = torch.randn(2048, 2048), torch.randn(B * (P + R), policy.config.hidden_size)
+    mlp_w = torch.randn(policy.config.hidden_size, policy.config.intermediate_size)
+    peak = 2 * 2048 ** 3 / median_seconds(lambda: square @ square, a.reps) / 1e9
+    at_shape = 2 * mlp_in.numel() * mlp_w.shape[1] / median_seconds(lambda: mlp_in @ mlp_w, a.reps) / 1e9
+    print(f"batch: {B} responses, {P} prompt + {R} response columns ({K} responses per prompt), "
+          f"{int(mask.sum())} response tokens\n")
+    print("| measurement | value |\n|---|---:|")
+    print(f"| fp32 matmul, 2048 x 2048 x 2048 | {peak:.0f} GFLOP/s |")
+    print(f"| fp32 matmul, the MLP's shape on this batch ({B * (P + R)} x {mlp_w.shape[0]} x {mlp_w.shape[1]}) "
+          f"| {at_shape:.0f} GFLOP/s |")
+    print(f"| policy forward+backward, prime.token_logprobs | {prime_fb:.3f} s |")
+    print(f"| the same, one log-softmax over the whole batch (no row loop) | {plain_fb:.3f} s |")
+    print(f"| its linear layers' FLOPs (6 x {macs / 1e9:.2f} G multiply-adds) / its time | "
+          f"{6 * macs / prime_fb / 1e9:.0f} GFLOP/s |")
+    print(f"| the same, --share-prompts (each prompt once, its KV shared by {K} responses) | {shared_fb:.3f} s "
+          f"({shared_fb / prime_fb:.2f}x; log-probs within {gap:.1e}) |")
+
+
+if __name__ == "__main__":
+    main()
