@@ -1,6 +1,6 @@
 """Where an outcome-only step's time goes on bench/same_work.py's work, against the CPU's limit.
 
-    python bench/compute_bound.py [--reps 5]
+    python bench/compute_bound.py [--reps 7]
 
 Timed in this process on same_work's 4.1M Qwen2 and one batch of its 64 sampled responses:
 - the CPU's fp32 matmul rate: a 2048 square, and the shape of the model's MLP on that batch;
@@ -29,19 +29,22 @@ import rollout  # noqa: E402
 from same_work import K, NEW_TOKENS, PROMPTS, build_work, print_machine  # noqa: E402
 
 
-def median_seconds(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_seconds(fns, reps):
+    """{name: median seconds} of each fn, timed in turn within each rep (after one warm-up call
+    each), so that a slow spell of this machine falls on all of them alike."""
+    times = {name: [] for name in fns}
+    for rep in range(reps + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     a = p.parse_args()
     print_machine()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,12 +66,13 @@ def main():
             policy.zero_grad(set_to_none=True)
         return run
 
-    prime_fb = median_seconds(fwd_bwd(lambda: prime.token_logprobs(policy, ids, attn, R)), a.reps)
-    plain_fb = median_seconds(fwd_bwd(lambda: policy(input_ids=ids, attention_mask=attn, use_cache=False,
-                                                     logits_to_keep=R + 1).logits[:, :-1].log_softmax(-1)
-                                      .gather(-1, ids[:, -R:, None]).squeeze(-1)), a.reps)
     shared = lambda: prime.token_logprobs(policy, ids, attn, R, share_prompts=True)
-    shared_fb = median_seconds(fwd_bwd(shared), a.reps)
+    def batched():
+        logits = policy(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+        return logits.log_softmax(-1).gather(-1, ids[:, -R:, None]).squeeze(-1)
+
+    fb = median_seconds({"prime": fwd_bwd(lambda: prime.token_logprobs(policy, ids, attn, R)),
+                         "batched": fwd_bwd(batched), "shared": fwd_bwd(shared)}, a.reps)
     gap = ((shared() - prime.token_logprobs(policy, ids, attn, R)).detach() * mask).abs().max().item()
 
     linears = [m for m in policy.model.layers.modules() if isinstance(m, torch.nn.Linear)]
@@ -76,20 +80,20 @@ def main():
         + policy.lm_head.in_features * policy.lm_head.out_features * B * R
     square, mlp_in = torch.randn(2048, 2048), torch.randn(B * (P + R), policy.config.hidden_size)
     mlp_w = torch.randn(policy.config.hidden_size, policy.config.intermediate_size)
-    peak = 2 * 2048 ** 3 / median_seconds(lambda: square @ square, a.reps) / 1e9
-    at_shape = 2 * mlp_in.numel() * mlp_w.shape[1] / median_seconds(lambda: mlp_in @ mlp_w, a.reps) / 1e9
+    mm = median_seconds({"square": lambda: square @ square, "mlp": lambda: mlp_in @ mlp_w}, a.reps)
+    peak, at_shape = 2 * 2048 ** 3 / mm["square"] / 1e9, 2 * mlp_in.numel() * mlp_w.shape[1] / mm["mlp"] / 1e9
     print(f"batch: {B} responses, {P} prompt + {R} response columns ({K} responses per prompt), "
           f"{int(mask.sum())} response tokens\n")
     print("| measurement | value |\n|---|---:|")
     print(f"| fp32 matmul, 2048 x 2048 x 2048 | {peak:.0f} GFLOP/s |")
     print(f"| fp32 matmul, the MLP's shape on this batch ({B * (P + R)} x {mlp_w.shape[0]} x {mlp_w.shape[1]}) "
           f"| {at_shape:.0f} GFLOP/s |")
-    print(f"| policy forward+backward, prime.token_logprobs | {prime_fb:.3f} s |")
-    print(f"| the same, one log-softmax over the whole batch (no row loop) | {plain_fb:.3f} s |")
-    print(f"| its linear layers' FLOPs (6 x {macs / 1e9:.2f} G multiply-adds) / its time | "
-          f"{6 * macs / prime_fb / 1e9:.0f} GFLOP/s |")
-    print(f"| the same, --share-prompts (each prompt once, its KV shared by {K} responses) | {shared_fb:.3f} s "
-          f"({shared_fb / prime_fb:.2f}x; log-probs within {gap:.1e}) |")
+    print(f"| policy forward+backward, prime.token_logprobs | {fb['prime']:.3f} s |")
+    print(f"| the same with one log-softmax over the whole batch (no row loop) | {fb['batched']:.3f} s |")
+    print(f"| the same with --share-prompts (each prompt once, its KV shared by {K} responses) | {fb['shared']:.3f} s "
+          f"({fb['shared'] / fb['prime']:.2f}x; log-probs within {gap:.1e}) |")
+    print(f"| prime's forward+backward: its linear layers' FLOPs (6 x {macs / 1e9:.2f} G multiply-adds) / its "
+          f"time | {6 * macs / fb['prime'] / 1e9:.0f} GFLOP/s |")
 
 
 if __name__ == "__main__":
