@@ -193,19 +193,17 @@ def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1
 
 
 def shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len):
-    """token_logprobs' logits [B, R, vocab] with each distinct prompt run once: the responses that
-    share it attend to its KV cache, indexed out to them (the index's backward sums their
-    gradients). The same numbers up to float rounding. Not under gradient checkpointing: HF drops
-    a cache passed to a checkpointed layer."""
+    """token_logprobs' logits [B, R, vocab] with each distinct prompt (its ids and padding) run
+    once: the responses that share it attend to its KV cache, indexed out to them (the index's
+    backward sums their gradients). The same numbers up to float rounding. Not under gradient
+    checkpointing: HF drops a cache passed to a checkpointed layer."""
     from transformers import DynamicCache
-    P = input_ids.shape[1] - response_len
-    prompts = [tuple(p) for p in input_ids[:, :P].tolist()]  # one prompt, one left padding
-    distinct = list(dict.fromkeys(prompts))
-    first = torch.tensor([prompts.index(p) for p in distinct], device=input_ids.device)
-    inverse = torch.tensor([distinct.index(p) for p in prompts], device=input_ids.device)
-    cache = DynamicCache(config=model.config)
-    last = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P], use_cache=True,
-                 position_ids=position_ids[first, :P], past_key_values=cache, logits_to_keep=1).logits
+    P, cache = input_ids.shape[1] - response_len, DynamicCache(config=model.config)
+    prompts, inverse = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0,
+                                    return_inverse=True)
+    ids, attn = prompts[:, :P], prompts[:, P:]
+    last = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     cache.batch_select_indices(inverse)
     rest = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1], use_cache=True,
                  position_ids=position_ids[:, P:-1], past_key_values=cache).logits  # last token: no target

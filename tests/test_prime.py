@@ -74,9 +74,10 @@ def test_token_logprobs_entropy(tiny_lm):
 
 
 def test_token_logprobs_with_shared_prompts_matches_one_forward_per_sequence(tiny_lm):
-    # K = 2 responses per prompt, prompts of different lengths (left padding), ragged responses
-    prompts = [[3, 4, 5, 6, 7]] * 2 + [[8, 9]] * 2 + [[10, 11, 12]]
-    responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28], [29, 30]]
+    # K = 2 responses per prompt, prompts of different lengths (left padding), ragged responses;
+    # the last prompt's tokens are those of [8, 9] once padded: its own padding tells them apart
+    prompts = [[3, 4, 5, 6, 7]] * 2 + [[8, 9]] * 2 + [[10, 11, 12], [0, 0, 0, 8, 9]]
+    responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28], [29, 30], [31, 32, 33]]
     ids, attn, mask = prime.collate(prompts, responses, 0)
     with torch.no_grad():
         logp, ent = prime.token_logprobs(tiny_lm, ids, attn, 3, {1.0, 0.7}, True, share_prompts=True)
