@@ -499,7 +499,8 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
             for idx, ids_mb, attn_mb, r in micro_batches(batch, rows, args):
                 m = mask[idx]
                 logp, entropy = token_logprobs(policy, ids_mb, attn_mb, r, args.temperature,
-                                               "grad" if args.entropy_coef > 0 else True, args.share_prompts)
+                                               with_entropy="grad" if args.entropy_coef > 0 else True,
+                                               share_prompts=args.share_prompts)
                 logp, entropy = padded(logp, R), padded(entropy, R)
                 if on_policy:
                     old_logp[idx] = logp.detach() * m

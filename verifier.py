@@ -218,7 +218,9 @@ def extract_code(text: str) -> str | None:
 def _die_with_parent(parent_pid: int):
     """Be SIGKILLed when the process that started this one dies, however it dies (SIGKILL, the
     OOM killer): an orphan would run its item, or its test program, to the end (Linux's
-    PR_SET_PDEATHSIG; elsewhere a no-op). If the parent is already gone, exit now."""
+    PR_SET_PDEATHSIG; elsewhere a no-op). If the parent is already gone, exit now. The kernel
+    ties this to the parent's thread that started us: workers started from a thread that ends
+    die with it, and the next batch replaces them (as any dead worker)."""
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # no prctl: not Linux
