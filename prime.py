@@ -172,7 +172,7 @@ def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1
     share_prompts: the prompt's compute divided by K (see shared_prompt_logits)."""
     temps = sorted(temperature, reverse=True) if isinstance(temperature, (set, frozenset)) else [temperature]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if share_prompts and response_len > 1 and not model.is_gradient_checkpointing:
+    if share_prompts and response_len > 1 and not model.is_activation_checkpointing:
         logits = shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -203,10 +203,10 @@ def shared_prompt_logits(model, input_ids, attention_mask, position_ids, respons
                                     return_inverse=True)
     ids, attn = prompts[:, :P], prompts[:, P:]
     last = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                 cache=cache, use_cache=True, logits_to_keep=1).logits
     cache.batch_select_indices(inverse)
     rest = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1], use_cache=True,
-                 position_ids=position_ids[:, P:-1], past_key_values=cache).logits  # last token: no target
+                 position_ids=position_ids[:, P:-1], cache=cache).logits  # last token: no target
     return torch.cat([last[inverse], rest], 1)
 
 
