@@ -29,11 +29,11 @@ PY
 # An untrained model answers nothing right: the filter is off so every step trains. Then the
 # same with --share-prompts (each prompt's forward once for its 4 responses; FSDP2 under it is
 # tested on CPU only).
-for run in run run-shared; do
+for share in "" --share-prompts; do
+  run=run${share:+-shared}
   torchrun --nproc_per_node="$NPROC" prime.py --model "$OUT/model" --run-dir "$OUT/$run" --steps 4 \
     --prompts-per-step 64 --samples-per-prompt 4 --max-response-len 256 --filter-low 0 --filter-high 1 \
-    --mini-batch-size 128 --micro-batch-size 32 --eval-size 64 --eval-every 4 \
-    $([ "$run" = run-shared ] && echo --share-prompts)
+    --mini-batch-size 128 --micro-batch-size 32 --eval-size 64 --eval-every 4 $share
   python - "$OUT/$run/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])][2:]  # steps 2..: step 1 includes CUDA warm-up

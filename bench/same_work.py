@@ -12,9 +12,10 @@ reference). prime: --no-prm (outcome-only RLOO) and the default PRIME step (impl
 reference), each also with --share-prompts (each prompt's forward computed once for its K
 responses: less arithmetic than the work, the same numbers up to rounding). Each system is a
 fresh `prime.py` or TRL process per run, run in turn (TRL, TRL with checkpointing, the four prime
-runs, pieces; repeated --rounds times) so a change of load hits all of them alike; each run waits for an idle machine and is rerun (--tries) if other processes took
-more than --max-others of the CPUs meanwhile (the tables show the worst share kept); the first
---warmup steps of every run are left out of the medians. prime's step is
+runs, pieces; repeated --rounds times) so a change of load hits all of them alike; each run waits
+for an idle machine and is rerun (--tries) if other processes took more than --max-others of the
+CPUs meanwhile (the tables show the worst share kept); the first --warmup steps of every run are
+left out of the medians. prime's step is
 `perf/step_seconds` from its metrics.jsonl (eval is not in it); TRL's is on_step_begin -> on_step_end.
 The pieces are timed alone in this process: generate (rollout.HFRollout), one no-grad forward, one
 forward+backward+AdamW step, and the verifier's 64 items (its worker processes).
