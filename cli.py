@@ -36,9 +36,11 @@ def parse(Args, argv=None):
     parsers = [HfArgumentParser(Args) for _ in range(2)]
     for action in parsers[1]._actions:  # the second parser knows only what was given
         action.default = argparse.SUPPRESS
+    no_help = {"--no_whiten": "do not whiten advantages (the official code does)",
+               "--no_share_prompts": "one forward per sequence, prompt included (how the README's ablation ran)"}
     for action in parsers[0]._actions:  # HfArgumentParser copies --whiten's help to --no-whiten
-        if "--no_whiten" in action.option_strings:
-            action.help = "do not whiten advantages (the official code does)"
+        for flag in set(action.option_strings) & set(no_help):
+            action.help = no_help[flag]
     (args,) = parsers[0].parse_args_into_dataclasses(argv)
     return args, set(vars(parsers[1].parse_args(argv)))
 

@@ -127,9 +127,9 @@ class Args:
                                              "responses sorted by length (verl's dynamic batch); 0 = no cap")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (policy and PRM): "
                                               "less memory, ~30%% more compute")
-    share_prompts: bool = arg(False, "forward each distinct prompt of a micro-batch once, its KV cache "
-                                     "shared by its responses: the same numbers up to float rounding, the "
-                                     "prompt's compute / K (ignored with --gradient-checkpointing)")
+    share_prompts: bool = arg(True, "forward each distinct prompt of a micro-batch (and of a rollout) once, its "
+                                    "KV cache shared by its K responses: the prompt's compute / K, the same "
+                                    "numbers up to float rounding; not in training forwards under --gradient-checkpointing")
     tis_cap: float = arg(0.0, "truncated importance sampling: weight each token's policy loss by "
                               "min(pi_old / pi_engine, C) for the engine-vs-trainer mismatch; 0 = off")
     kl_coef: float = arg(0.0, "weight of a k3 KL(policy || frozen reference) loss term")

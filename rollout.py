@@ -49,10 +49,11 @@ class HFRollout:
     (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20) must not change what is sampled,
     or PPO would train off-policy without knowing it. Only its EOS ids are kept."""
 
-    def __init__(self, model, tokenizer, max_response_len, temperature=1.0, top_p=1.0):
+    def __init__(self, model, tokenizer, max_response_len, temperature=1.0, top_p=1.0, share_prompts=False):
         from transformers import GenerationConfig
         self.model, self.device = model.eval().requires_grad_(False), model.device
         self.max_response_len, self.temperature, self.top_p = max_response_len, temperature, top_p
+        self.share_prompts = share_prompts
         self.eos_ids, self.pad_id = stop_tokens(self.model.generation_config, tokenizer)
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
 
@@ -87,13 +88,31 @@ class HFRollout:
             sampling = dict(do_sample=True, top_k=0,  # HF's default top_k is 50
                             logits_processor=LogitsProcessorList(warpers + [recorder]))
         out = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=self.max_response_len,
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids, **sampling)
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+                                  cache=self.shared_prefill(ids, attn) if self.share_prompts else None, **sampling)
         tokens = out[:, ids.shape[1]:]
         lengths = response_mask(tokens, self.eos_ids).sum(-1).long().tolist()
         responses = [r[:n].tolist() for r, n in zip(tokens, lengths)]
         if greedy:
             return responses, None
         return responses, [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
+
+
+    def shared_prefill(self, ids, attn):
+        """The KV cache of every prompt [B, P] but its last token, each distinct prompt (its ids and
+        padding) computed once and indexed out to its rows, as vLLM's prefix cache does; generate()
+        then runs the last prompt token and decodes. None (generate prefills every row) when no
+        prompt repeats, as in a greedy eval."""
+        from transformers import DynamicCache
+        distinct, inverse = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
+        P = ids.shape[1]
+        if P < 2 or len(distinct) == len(ids):
+            return None
+        cache, d_ids, d_attn = DynamicCache(config=self.model.config), distinct[:, :P - 1], distinct[:, P:-1]
+        self.model(input_ids=d_ids, attention_mask=d_attn, position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_select_indices(inverse)
+        return cache
 
 
 class SampledLogprobs:
@@ -186,7 +205,7 @@ def make_engine(args, model_path, tokenizer, device):
     from transformers import AutoModelForCausalLM
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-    return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p)
+    return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p, args.share_prompts)
 
 
 def outcome_rewards(texts, rows, allow_unsandboxed=False):

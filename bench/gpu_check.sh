@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue 4): a few PRIME steps of a ~100M-parameter model (built from a config, no
 # download) under torchrun on one GPU: FSDP2 with bf16 compute and fp32 master weights, the HF
-# rollout engine, without and with --share-prompts. Prints rollout tokens/s, step time and peak GPU
+# rollout engine, with --share-prompts (the default) and without. Prints rollout tokens/s, step time and peak GPU
 # memory of each. About 4-6 minutes.
 #
 #   bash bench/gpu_check.sh            # NPROC=2 for two GPUs
@@ -26,11 +26,11 @@ model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok
 model.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
 print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
 PY
-# An untrained model answers nothing right: the filter is off so every step trains. Then the
-# same with --share-prompts (each prompt's forward once for its 4 responses; FSDP2 under it is
-# tested on CPU only).
-for share in "" --share-prompts; do
-  run=run${share:+-shared}
+# An untrained model answers nothing right: the filter is off so every step trains. First as run
+# by default (--share-prompts: each prompt's forward once for its 4 responses; FSDP2 under it is
+# tested on CPU only), then the same with --no-share-prompts (one forward per sequence).
+for share in "" --no-share-prompts; do
+  run=run${share:+-plain}
   torchrun --nproc_per_node="$NPROC" prime.py --model "$OUT/model" --run-dir "$OUT/$run" --steps 4 \
     --prompts-per-step 64 --samples-per-prompt 4 --max-response-len 256 --filter-low 0 --filter-high 1 \
     --mini-batch-size 128 --micro-batch-size 32 --eval-size 64 --eval-every 4 $share

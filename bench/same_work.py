@@ -9,16 +9,19 @@ of 516 tokens, 16 prompts x K=4 samples per step (one mini-batch of all 64), 64 
 accuracy filter. TRL: beta=0 (no reference model) and generation aligned with the optimizer step
 (no old log-prob pass), gradient checkpointing off as in prime (TRL's default, on, is run too, for
 reference). prime: --no-prm (outcome-only RLOO) and the default PRIME step (implicit PRM + frozen
-reference), each also with --share-prompts (each prompt's forward computed once for its K
-responses: less arithmetic than the work, the same numbers up to rounding). Each system is a
+reference), each as it runs by default, with --share-prompts (each distinct prompt's forward
+computed once for its K responses, in the rollout's prefill and in training: less arithmetic
+than the work as TRL does it, the same numbers up to rounding), and with --no-share-prompts
+(one forward per sequence, as TRL). Each system is a
 fresh `prime.py` or TRL process per run, run in turn (TRL, TRL with checkpointing, the four prime
 runs, pieces; repeated --rounds times) so a change of load hits all of them alike; each run waits
 for an idle machine and is rerun (--tries) if other processes took more than --max-others of the
 CPUs meanwhile (the tables show the worst share kept); the first --warmup steps of every run are
 left out of the medians. prime's step is
 `perf/step_seconds` from its metrics.jsonl (eval is not in it); TRL's is on_step_begin -> on_step_end.
-The pieces are timed alone in this process: generate (rollout.HFRollout), one no-grad forward, one
-forward+backward+AdamW step, and the verifier's 64 items (its worker processes).
+The pieces are timed alone in this process, with and without --share-prompts: generate
+(rollout.HFRollout), one no-grad forward, one forward+backward+AdamW step; and the verifier's 64
+items (its worker processes).
 """
 import argparse
 import inspect
@@ -137,7 +140,9 @@ def trl_worker(folder, steps, out, checkpointing):
 
 
 def time_pieces(folder, reps):
-    """{piece: [seconds]} of prime's necessary pieces, timed alone: one warm-up call each, then reps."""
+    """{piece: [seconds]} of prime's necessary pieces, timed alone: one warm-up call each, then reps;
+    generate and the forwards as prime runs them by default (each prompt once) and, named
+    "... (--no-share-prompts)", one forward per sequence."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import data
@@ -147,23 +152,23 @@ def time_pieces(folder, reps):
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     policy, ref = load().train(), load().eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=LR)
-    engine = rollout.HFRollout(load(), tokenizer, NEW_TOKENS, 1.0, 1.0)
+    engines = {share: rollout.HFRollout(load(), tokenizer, NEW_TOKENS, 1.0, 1.0, share) for share in (True, False)}
     rows = [json.loads(line) for line in open(os.path.join(folder, "train.jsonl"))][:PROMPTS]
     rows = [r for r in rows for _ in range(K)]
     prompts = data.prompt_token_ids(tokenizer, rows)
-    args = prime.Args(mini_batch_size=PROMPTS * K, micro_batch_size=PROMPTS * K)
     state = {}
 
     def generate():
-        state["responses"] = engine.generate(prompts)[0]
-        state["batch"] = prime.collate(prompts, state["responses"], engine.pad_id)
+        state["responses"] = engines[state["share"]].generate(prompts)[0]
+        state["batch"] = prime.collate(prompts, state["responses"], engines[True].pad_id)
 
     def forward():
+        args = prime.Args(mini_batch_size=PROMPTS * K, micro_batch_size=PROMPTS * K, share_prompts=state["share"])
         prime.batched_logprobs(ref, state["batch"], args, {1.0})
 
     def forward_backward():
         ids, attn, mask = state["batch"]
-        logp = prime.token_logprobs(policy, ids, attn, mask.shape[1], 1.0)
+        logp = prime.token_logprobs(policy, ids, attn, mask.shape[1], 1.0, share_prompts=state["share"])
         ((logp * mask).sum() / mask.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -172,14 +177,16 @@ def time_pieces(folder, reps):
         rollout.outcome_rewards(tokenizer.batch_decode(state["responses"], skip_special_tokens=True), rows)
 
     times = {}
-    for name, fn in (("generate", generate), ("forward", forward), ("forward+backward", forward_backward),
-                     ("verify", verify)):
-        times[name] = []
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            fn()
-            if i:
-                times[name].append(time.perf_counter() - t0)
+    for share, suffix in ((True, ""), (False, " (--no-share-prompts)")):
+        state["share"] = share
+        for name, fn in (("generate", generate), ("forward", forward), ("forward+backward", forward_backward),
+                         ("verify", verify))[:4 if share else 3]:
+            times[name + suffix] = []
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                fn()
+                if i:
+                    times[name + suffix].append(time.perf_counter() - t0)
     return times
 
 
@@ -239,9 +246,9 @@ def main():
     runs = {"TRL GRPOTrainer": lambda: run_trl(folder, a.steps, a.trl_python),
             "TRL, its default gradient checkpointing": lambda: run_trl(folder, a.steps, a.trl_python, True),
             "prime --no-prm": lambda: run_prime(folder, a.steps, ["--no-prm"]),
-            "prime --no-prm --share-prompts": lambda: run_prime(folder, a.steps, ["--no-prm", "--share-prompts"]),
+            "prime --no-prm --no-share-prompts": lambda: run_prime(folder, a.steps, ["--no-prm", "--no-share-prompts"]),
             "prime (PRIME)": lambda: run_prime(folder, a.steps, []),
-            "prime (PRIME) --share-prompts": lambda: run_prime(folder, a.steps, ["--share-prompts"])}
+            "prime (PRIME) --no-share-prompts": lambda: run_prime(folder, a.steps, ["--no-share-prompts"])}
     steps, others, pieces = {name: [] for name in runs}, {name: [] for name in [*runs, "pieces"]}, {}
     for r in range(a.rounds):
         for name, run in runs.items():
@@ -262,19 +269,24 @@ def main():
     for name, v in steps.items():
         print(f"| {name} | {med[name]:.2f} | {len(v)} | {med[name] / trl:.2f} | "
               f"{statistics.mean(n for _, n in v):.1f} | {max(others[name]):.0%} |")
-    gen, fwd, fb = piece["generate"], piece["forward"], piece["forward+backward"]
     print(f"\n| piece (alone, this process; others' CPU share, worst round: {max(others['pieces']):.0%}) | median s "
           f"| n |\n|---|---:|---:|")
     for name, v in pieces.items():
         print(f"| {name} | {piece[name]:.3f} | {len(v)} |")
-    sums = {"prime --no-prm": ("generate + policy fwd+bwd", gen + fb),
-            "prime (PRIME)": ("generate + ref fwd + PRM fwd+bwd + policy fwd+bwd", gen + fwd + 2 * fb)}
-    print(f"\n| system | its necessary pieces | sum s | step / sum |\n|---|---|---:|---:|")
+    sums = {}
+    for suffix, flag in (("", ""), (" (--no-share-prompts)", " --no-share-prompts")):
+        gen, fwd, fb = (piece[name + suffix] for name in ("generate", "forward", "forward+backward"))
+        sums[f"prime --no-prm{flag}"] = ("generate + policy fwd+bwd", gen + fb)
+        sums[f"prime (PRIME){flag}"] = ("generate + ref fwd + PRM fwd+bwd + policy fwd+bwd", gen + fwd + 2 * fb)
+    print(f"\n| system | its necessary pieces (alike) | sum s | step / sum |\n|---|---|---:|---:|")
     for name, (what, total) in sums.items():
         print(f"| {name} | {what} | {total:.2f} | {med[name] / total:.2f} |")
-    print(f"\ntargets: prime --no-prm <= 0.85x TRL: {med['prime --no-prm'] / trl:.2f}x, with --share-prompts "
-          f"{med['prime --no-prm --share-prompts'] / trl:.2f}x; PRIME step <= 1.1x its pieces: "
-          f"{med['prime (PRIME)'] / sums['prime (PRIME)'][1]:.2f}x (verify, not in the sums: {piece['verify']:.3f} s); "
+    print(f"\ntargets: prime --no-prm <= 0.85x TRL: {med['prime --no-prm'] / trl:.2f}x (x TRL's default, "
+          f"checkpointing: {med['prime --no-prm'] / med['TRL, its default gradient checkpointing']:.2f}x; "
+          f"--no-share-prompts: {med['prime --no-prm --no-share-prompts'] / trl:.2f}x); PRIME step <= 1.1x its "
+          f"pieces: {med['prime (PRIME)'] / sums['prime (PRIME)'][1]:.2f}x (--no-share-prompts: "
+          f"{med['prime (PRIME) --no-share-prompts'] / sums['prime (PRIME) --no-share-prompts'][1]:.2f}x; verify, not "
+          f"in the sums: {piece['verify']:.3f} s); "
           f"load average (1 min) at end {os.getloadavg()[0]:.2f}")
 
 

@@ -83,9 +83,10 @@ def rank_main(rank, world, port, model_dir, out_dir, job):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         if job == "steps":
-            steps = {agg: one_step(model_dir, rank, world, agg) for agg in ("seq-mean-token-mean", "token-mean")}
-            # --share-prompts: micro-batches of 4 hold both responses of some prompts
-            steps["shared"] = one_step(model_dir, rank, world, "token-mean", share_prompts=True, micro_batch_size=4)
+            steps = {agg: one_step(model_dir, rank, world, agg, share_prompts=False)
+                     for agg in ("seq-mean-token-mean", "token-mean")}
+            # --share-prompts (the default): micro-batches of 4 hold both responses of some prompts
+            steps["shared"] = one_step(model_dir, rank, world, "token-mean", micro_batch_size=4)
             torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the whole trainer for two steps, with a checkpoint
             verifier.score_batch = parity_scores
@@ -112,7 +113,7 @@ def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
     spawn("steps", tiny_model_dir, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for agg in ("seq-mean-token-mean", "token-mean", "shared"):  # shared: two ranks with --share-prompts
-        single = one_step(tiny_model_dir, 0, 1, "token-mean" if agg == "shared" else agg)
+        single = one_step(tiny_model_dir, 0, 1, "token-mean" if agg == "shared" else agg, share_prompts=False)
         two = [r[agg] for r in ranks]
         adv_single, adv_two = torch.cat(single["advantages"]), torch.cat(two[0]["advantages"] + two[1]["advantages"])
         assert adv_single.abs().max() > 0.1 and torch.allclose(adv_single, adv_two, atol=1e-5), agg

@@ -210,3 +210,30 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp_
     engine_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in engine_logps])
     torch.testing.assert_close(engine_logp, trainer, atol=1e-4, rtol=0)
     assert len({r[0] for r in responses}) > 3  # top_k=3 would allow 3 first tokens at most
+
+
+def test_shared_prefill_samples_what_one_prefill_per_row_samples(tiny_model_dir):
+    """--share-prompts in the HF engine: each distinct prompt (ids and padding) is prefilled once
+    and its cache indexed out to its rows. Seeded, it samples the same tokens as one prefill per
+    row, with the same log-probs up to rounding; a batch with no repeated prompt (a greedy eval)
+    is prefilled as before."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = data.prompt_token_ids(tokenizer, data.addition_rows(3, 0))
+    prompts = [prompts[0][:-2]] + prompts  # a shorter one: left padding
+    batch, out, shapes = [p for p in prompts for _ in range(3)], {}, {}
+    for share in (False, True):
+        engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, 8,
+                                   share_prompts=share)
+        shapes[share] = []
+        engine.model.register_forward_pre_hook(lambda m, a, kw: shapes[share].append(tuple(kw["input_ids"].shape)),
+                                               with_kwargs=True)
+        torch.manual_seed(0)
+        out[share] = engine.generate(batch)
+        greedy_first = len(shapes[share])
+        engine.generate(prompts, greedy=True)
+        shapes[share] = shapes[share][:2] + shapes[share][greedy_first:greedy_first + 1]
+    P = max(map(len, prompts))
+    assert shapes == {False: [(12, P), (12, 1), (4, P)], True: [(4, P - 1), (12, 1), (4, P)]}
+    assert out[True][0] == out[False][0] and len({len(r) for r in out[True][0]}) > 1  # ragged: EOS seen
+    for shared, plain in zip(out[True][1], out[False][1]):
+        assert shared == pytest.approx(plain, abs=1e-5)
