@@ -129,7 +129,7 @@ class Args:
                                               "less memory, ~30%% more compute")
     share_prompts: bool = arg(True, "forward each distinct prompt of a micro-batch (and of a rollout) once, its "
                                     "KV cache shared by its K responses: the prompt's compute / K, the same "
-                                    "numbers up to float rounding; not in training forwards under --gradient-checkpointing")
+                                    "numbers up to float rounding (in training, not with --gradient-checkpointing)")
     tis_cap: float = arg(0.0, "truncated importance sampling: weight each token's policy loss by "
                               "min(pi_old / pi_engine, C) for the engine-vs-trainer mismatch; 0 = off")
     kl_coef: float = arg(0.0, "weight of a k3 KL(policy || frozen reference) loss term")

@@ -97,7 +97,6 @@ class HFRollout:
             return responses, None
         return responses, [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
 
-
     def shared_prefill(self, ids, attn):
         """The KV cache of every prompt [B, P] but its last token, each distinct prompt (its ids and
         padding) computed once and indexed out to its rows, as vLLM's prefix cache does; generate()

@@ -8,7 +8,7 @@
 #   bash run_smollm2.sh --steps 3 --run-dir /tmp/smollm2-run  # extra flags are passed to prime.py
 #
 # Sizes are for a 2-core CPU (measured on one, fp32, idle, two threads: README): a step took
-# 50-58 s, peak memory 7.5 GiB (policy, PRM, reference, rollout copy, two AdamW states). On a
+# 39-48 s, peak memory 7.3 GiB (policy, PRM, reference, rollout copy, two AdamW states). On a
 # shared machine set OMP_NUM_THREADS=1: two threads competing for a busy core stalled generation
 # 30-fold.
 set -euo pipefail
@@ -21,7 +21,7 @@ DATA_DIR=${DATA_DIR:-$HOME/.cache/prime/smollm2-data}     # train.jsonl, eval.js
 
 python prime.py \
   --model "$MODEL" --data "$DATA_DIR/train.jsonl" --eval-data "$DATA_DIR/eval.jsonl" \
-  --steps 60 `# ~65 minutes with the evals (60 x ~55 s + 7 x ~90 s, idle)` \
+  --steps 60 `# ~55 minutes with the evals (60 x ~44 s + 7 x ~80 s, idle)` \
   --prompts-per-step 2 --samples-per-prompt 4 `# 8 responses per step: a 2-core CPU trains about that many a minute` \
   --max-response-len 128 `# answers take ~45 tokens; rambling ones are cut, and score 0 without a box` \
   --temperature 0.8 `# 30-45% of sampled answers right: many groups pass the 0.2-0.8 filter` \

@@ -540,12 +540,13 @@ def test_prm_update_none_keeps_prm_frozen(tiny_model_dir, tmp_path):
 
 
 def test_share_prompts_reaches_every_forward_of_a_step(tiny_model_dir, tmp_path, monkeypatch):
-    settings = dict(micro_batch_size=6, steps=1, reward_norm="none")  # K = 2 per forward; batch_norm
-    plain = run(tiny_model_dir, tmp_path, "plain", share_prompts=False, **settings)  # would scale q's float
-    calls, shared_logits = [], prime.shared_prompt_logits  # noise up to O(1)
+    # K = 2 per forward; no batch_norm, which would scale q's float noise up to O(1)
+    settings = dict(micro_batch_size=6, steps=1, reward_norm="none")
+    plain = run(tiny_model_dir, tmp_path, "plain", share_prompts=False, **settings)
+    calls, shared_logits = [], prime.shared_prompt_logits
     monkeypatch.setattr(prime, "shared_prompt_logits", lambda model, *a: calls.append(model) or shared_logits(model, *a))
-    prefills, shared_prefill = [], rollout.HFRollout.shared_prefill
-    monkeypatch.setattr(rollout.HFRollout, "shared_prefill", lambda *a: prefills.append(shared_prefill(*a)) or prefills[-1])
+    prefills, prefill = [], rollout.HFRollout.shared_prefill
+    monkeypatch.setattr(rollout.HFRollout, "shared_prefill", lambda *a: prefills.append(prefill(*a)) or prefills[-1])
     shared = run(tiny_model_dir, tmp_path, "shared", **settings)  # the default
     assert {id(m) for m in calls} == {id(shared["policy"]), id(shared["prm"]), id(shared["ref"])}
     assert any(cache is not None for cache in prefills)  # the rollout's K=2 rows a prompt (a greedy eval: none)
