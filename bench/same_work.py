@@ -9,15 +9,14 @@ of 516 tokens, 16 prompts x K=4 samples per step (one mini-batch of all 64), 64 
 accuracy filter. TRL: beta=0 (no reference model) and generation aligned with the optimizer step
 (no old log-prob pass), gradient checkpointing off as in prime (TRL's default, on, is run too, for
 reference). prime: --no-prm (outcome-only RLOO) and the default PRIME step (implicit PRM + frozen
-reference), each as it runs by default, with --share-prompts (each distinct prompt's forward
-computed once for its K responses, in the rollout's prefill and in training: less arithmetic
-than the work as TRL does it, the same numbers up to rounding), and with --no-share-prompts
-(one forward per sequence, as TRL). Each system is a
-fresh `prime.py` or TRL process per run, run in turn (TRL, TRL with checkpointing, the four prime
-runs, pieces; repeated --rounds times) so a change of load hits all of them alike; each run waits
-for an idle machine and is rerun (--tries) if other processes took more than --max-others of the
-CPUs meanwhile (the tables show the worst share kept); the first --warmup steps of every run are
-left out of the medians. prime's step is
+reference), each as it runs by default (--share-prompts: each distinct prompt's forward computed
+once for its K responses, in the rollout's prefill and in training; less arithmetic than the
+work as TRL does it, the same numbers up to rounding) and with --no-share-prompts (one forward
+per sequence, as TRL). Each system is a fresh `prime.py` or TRL process per run, run in turn
+(TRL, TRL with checkpointing, the four prime runs, pieces; repeated --rounds times) so a change
+of load hits all of them alike; each run waits for an idle machine and is rerun (--tries) if
+other processes took more than --max-others of the CPUs meanwhile (the tables show the worst
+share kept); the first --warmup steps of every run are left out of the medians. prime's step is
 `perf/step_seconds` from its metrics.jsonl (eval is not in it); TRL's is on_step_begin -> on_step_end.
 The pieces are timed alone in this process, with and without --share-prompts: generate
 (rollout.HFRollout), one no-grad forward, one forward+backward+AdamW step; and the verifier's 64
