@@ -197,17 +197,11 @@ def shared_prompt_logits(model, input_ids, attention_mask, position_ids, respons
     once: the responses that share it attend to its KV cache, indexed out to them (the index's
     backward sums their gradients). The same numbers up to float rounding. Not under gradient
     checkpointing: HF drops a cache passed to a checkpointed layer."""
-    from transformers import DynamicCache
-    P, cache = input_ids.shape[1] - response_len, DynamicCache(config=model.config)
-    prompts, inverse = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0,
-                                    return_inverse=True)
-    ids, attn = prompts[:, :P], prompts[:, P:]
-    last = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                 cache=cache, use_cache=True, logits_to_keep=1).logits
-    cache.batch_select_indices(inverse)
+    P = input_ids.shape[1] - response_len
+    cache, last = rollout.shared_prompt_cache(model, input_ids[:, :P], attention_mask[:, :P])
     rest = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1], use_cache=True,
                  position_ids=position_ids[:, P:-1], cache=cache).logits  # last token: no target
-    return torch.cat([last[inverse], rest], 1)
+    return torch.cat([last, rest], 1)
 
 
 def implicit_rewards(prm_logp, ref_logp, mask):

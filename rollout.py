@@ -98,20 +98,27 @@ class HFRollout:
         return responses, [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
 
     def shared_prefill(self, ids, attn):
-        """The KV cache of every prompt [B, P] but its last token, each distinct prompt (its ids and
-        padding) computed once and indexed out to its rows, as vLLM's prefix cache does; generate()
-        then runs the last prompt token and decodes. None (generate prefills every row) when no
-        prompt repeats, as in a greedy eval."""
-        from transformers import DynamicCache
-        distinct, inverse = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
-        P = ids.shape[1]
-        if P < 2 or len(distinct) == len(ids):
+        """The KV cache of every prompt [B, P] but its last token (shared_prompt_cache), as vLLM's
+        prefix cache does; generate() then runs the last prompt token and decodes. None (generate
+        prefills every row) when no prompt repeats, as in a greedy eval."""
+        if ids.shape[1] < 2 or len(torch.unique(torch.cat([ids, attn], 1), dim=0)) == len(ids):
             return None
-        cache, d_ids, d_attn = DynamicCache(config=self.model.config), distinct[:, :P - 1], distinct[:, P:-1]
-        self.model(input_ids=d_ids, attention_mask=d_attn, position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
-                   cache=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_select_indices(inverse)
-        return cache
+        return shared_prompt_cache(self.model, ids[:, :-1], attn[:, :-1])[0]
+
+
+def shared_prompt_cache(model, ids, attn):
+    """(KV cache, logits of the last position [B, 1, vocab]) of left-padded prompts ids [B, P] with
+    each distinct prompt (its ids and padding) computed once and indexed out to its rows; the index
+    is differentiable (its backward sums the rows' gradients into their one prompt). Used by the HF
+    engine's prefill and by prime.shared_prompt_logits in training."""
+    from transformers import DynamicCache
+    P, cache = ids.shape[1], DynamicCache(config=model.config)
+    distinct, inverse = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
+    d_ids, d_attn = distinct[:, :P], distinct[:, P:]
+    last = model(input_ids=d_ids, attention_mask=d_attn, position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
+                 cache=cache, use_cache=True, logits_to_keep=1).logits
+    cache.batch_select_indices(inverse)
+    return cache, last[inverse]
 
 
 class SampledLogprobs:
