@@ -21,6 +21,7 @@ import rollout
 
 VERSION = "v1"  # bump when anything below changes, so stale caches are not reused
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CONTEXT = 256  # positions of the embedded model: prompt and response together (cli caps the lengths)
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -42,7 +43,7 @@ def build_model(tokenizer, seed: int):
     from transformers import AutoModelForCausalLM, Qwen2Config
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = AutoModelForCausalLM.from_config(config)

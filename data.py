@@ -175,7 +175,8 @@ class RowStream:
             if not self.order:
                 if self.usable == 0:  # a whole epoch without a usable row
                     raise DataError(f"--data: no usable rows ({self.counts['skipped_bad_rows']} bad, "
-                                    f"{self.counts['dropped_long_prompts']} prompts longer than --max-prompt-len)")
+                                    f"{self.counts['dropped_long_prompts']} prompts longer than --max-prompt-len "
+                                    f"{self.max_prompt_len} tokens)")
                 self.order, self.usable = list(range(self.starts[-1])), 0
                 self.rng.shuffle(self.order)
             i = self.order.pop()

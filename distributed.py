@@ -21,7 +21,7 @@ def init():
     gloo on CPU. Without torchrun: one process on cuda:0 or the CPU."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
+    if under_torchrun() and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -30,12 +30,25 @@ def init():
     return 0, 1, device
 
 
+def under_torchrun():
+    """Was this process started by torchrun (or, in tests, as one rank of several)?"""
+    return "RANK" in os.environ or dist.is_initialized()
+
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (a one-process rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def local_first(fn):
@@ -72,7 +85,8 @@ class Models(NamedTuple):
 def setup_models(args, model_path, device, checkpoint_dir=None):
     """Models(policy, PRM, reference, their optimizers) from one checkpoint (policy and PRM from
     `checkpoint_dir` when resuming); the PRM starts as the policy unless --prm-model."""
-    load = lambda path, trained=True: load_model(path, device, trained, args.gradient_checkpointing)
+    bf16 = args.precision == "bf16"
+    load = lambda path, trained=True: load_model(path, device, trained, args.gradient_checkpointing, bf16)
     saved = lambda name: os.path.join(checkpoint_dir, name) if checkpoint_dir else None
     policy = load(saved("policy") or model_path)
     use_prm = not args.no_prm and args.process_reward_coef != 0
@@ -86,33 +100,33 @@ def setup_models(args, model_path, device, checkpoint_dir=None):
                   adamw(prm, args.prm_lr, args.prm_weight_decay) if use_prm else None)
 
 
-def load_model(path, device, trained=True, checkpointing=False):
+def load_model(path, device, trained=True, checkpointing=False, bf16=False):
     """An HF causal LM from `path`, ready for this process: trained models keep fp32 master
     weights (with --gradient-checkpointing, activations are recomputed in the backward pass); a
-    frozen one is bf16 on GPU, which is exactly what a trained copy computes with there (bf16
-    compute of the same weights: q = 0 where PRM and reference are equal), fp32 on CPU."""
+    frozen one is bf16 with --precision bf16, which is exactly what a trained copy computes with
+    then (bf16 compute of the same weights: q = 0 where PRM and reference are equal), else fp32."""
     from transformers import AutoModelForCausalLM
-    dtype = torch.float32 if trained or device.type != "cuda" else torch.bfloat16
+    dtype = torch.bfloat16 if bf16 and not trained else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if trained and checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = shard(model, device)
+    model = shard(model, device, bf16)
     return model.train() if trained else model.eval().requires_grad_(False)
 
 
-def shard(model, device):
-    """FSDP2 under torchrun: `fully_shard` on every decoder layer, then the root. GPU: bf16
-    forward/backward, fp32 master weights, gradient reduction and optimizer. CPU: fp32 throughout
-    (bf16 is 20x slower on these CPUs). Every model gets the same policy, so PRM and reference
-    compute identically and q = 0 exactly where they are equal (different kernels make q noise).
-    One process: the model unchanged, on `device`."""
+def shard(model, device, bf16=False):
+    """FSDP2 under torchrun: `fully_shard` on every decoder layer, then the root. bf16 (--precision,
+    GPUs by default): bf16 forward/backward, fp32 master weights, gradient reduction and
+    optimizer; else fp32 throughout (CPUs: bf16 is up to 20x slower on some). Every model gets the
+    same policy, so PRM and reference compute identically and q = 0 exactly where they are equal
+    (different kernels make q noise). One process: the model unchanged, on `device`."""
     if not dist.is_initialized():
         return model.to(device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=precision)
     return fully_shard(model, mesh=mesh, mp_policy=precision)

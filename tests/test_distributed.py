@@ -5,8 +5,8 @@ on half of it each. Advantages (batch_norm max and whitening are all-reduced), l
 (FSDP averages them) and the weights streamed into the rollout engine must agree.
 """
 import json
+import math
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ import prime
 import rollout
 import verifier
 from conftest import parity_scores
+from distributed import free_port
 
 K, GROUPS, LR = 2, 4, 0.5
 
@@ -70,10 +71,30 @@ def one_step(model_dir, rank, world, loss_agg, **overrides):
             "engine": {k: v.clone() for k, v in engine.model.state_dict().items()}}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bf16_steps(model_dir, rank, world):
+    """Four steps on this rank's half of the fixed batch with GPUs' precision (--precision bf16):
+    FSDP2 computes in bf16 from fp32 master weights and reduces gradients in fp32; the frozen
+    reference holds bf16 weights. -> q of step 1, the metrics, how far the policy moved along the
+    first step's advantages, and the dtypes seen."""
+    args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS,
+                      micro_batch_size=K * GROUPS // world, beta=0.5, precision="bf16", lr=1e-3, prm_lr=1e-3)
+    models = prime.setup_models(args, model_dir, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    prompts, responses, outcome = fixed_batch()
+    share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)
+    batch = prime.collate(prompts[share], responses[share], tokenizer.pad_token_id)
+    logp = lambda: prime.batched_logprobs(models.policy, batch, args, {args.temperature})[args.temperature]
+    before, state, metrics = logp(), checkpoint.TrainState(None, seed=0, rank=rank), []
+    for step in range(4):
+        q, advantages, step_metrics = prime.prime_step(models, batch, outcome[share], args, state)
+        metrics.append(step_metrics)
+        if step == 0:
+            q1, advantages1 = q, advantages
+    with torch.no_grad():
+        logits = models.policy(input_ids=batch[0], attention_mask=batch[1]).logits
+    return {"q1": q1, "metrics": metrics, "gain": (advantages1 * (logp() - before)).sum().item(),
+            "dtypes": {"policy": {p.dtype for group in models.policy_opt.param_groups for p in group["params"]},
+                       "ref": {p.dtype for p in models.ref.parameters()}, "compute": logits.dtype}}
 
 
 def rank_main(rank, world, port, model_dir, out_dir, job):
@@ -88,6 +109,8 @@ def rank_main(rank, world, port, model_dir, out_dir, job):
             # --share-prompts (the default): micro-batches of 4 hold both responses of some prompts
             steps["shared"] = one_step(model_dir, rank, world, "token-mean", micro_batch_size=4)
             torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
+        elif job == "bf16":
+            torch.save(bf16_steps(model_dir, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the whole trainer for two steps, with a checkpoint
             verifier.score_batch = parity_scores
             settings = dict(model=model_dir, prompts_per_step=4, samples_per_prompt=2, max_response_len=6, eval_size=6,
@@ -127,6 +150,22 @@ def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
             assert torch.equal(two[0]["engine"][name], two[1]["engine"][name]), (agg, name)
 
 
+@pytest.mark.slow
+def test_bf16_fsdp2_as_gpus_run_it(tiny_model_dir, tmp_path):
+    """GPUs' precision on two CPU processes (gloo): bf16 compute, fp32 master weights and gradient
+    reductions, a bf16 reference. PRM and reference compute the same way, so q is exactly 0 at step
+    1; a few steps on one batch fit the PRM to its labels and move the policy along the advantages."""
+    spawn("bf16", tiny_model_dir, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        assert r["dtypes"] == {"policy": {torch.float32}, "ref": {torch.bfloat16}, "compute": torch.bfloat16}
+        assert torch.count_nonzero(r["q1"]) == 0  # exactly: not noise that batch_norm would blow up
+        first, last = r["metrics"][0], r["metrics"][-1]
+        assert first["prm/loss"] == pytest.approx(math.log(2), abs=1e-6) and first["prm/return_abs"] == 0.0
+        assert last["prm/loss"] < first["prm/loss"] - 0.01
+    assert sum(r["gain"] for r in ranks) > 0.1  # sum_t A_t (log pi_after - log pi_before) over both ranks
+
+
 def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
     spawn("main", tiny_model_dir, tmp_path)
     run_dir = tmp_path / "run"
@@ -159,6 +198,26 @@ def test_counts_are_summed_over_ranks_and_everything_else_averaged():
     merged = distributed.merge_metrics(ranks)
     assert merged == {"verifier/ok": 7, "a/new_count": 2, "prm/loss": 1.0, "rollout/accuracy": 0.25}
     assert isinstance(merged["verifier/ok"], distributed.Count) and json.dumps(merged["verifier/ok"]) == "7"
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_default_batch_flags(tiny_model_dir, tmp_path):
+    """torchrun --nproc_per_node=2 prime.py as users run it: no batch flags (64 prompts x K=4 a
+    step, a mini-batch of 128, the micro-batch each process's share of it). Only the model, the
+    length of the run and the filter (the tiny model answers nothing right) are set."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "prime.py", "--model", tiny_model_dir, "--steps", "1", "--eval-size", "8", "--filter-low", "0",
+                          "--filter-high", "1", "--run-dir", str(run_dir)], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.load(open(run_dir / "args.json"))
+    assert (saved["world_size"], saved["mini_batch_size"], saved["micro_batch_size"]) == (2, 128, 64)
+    step = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][1]
+    assert step["filter/kept_groups"] == 64 and "policy/loss" in step and "prm/loss" in step
 
 
 def test_two_launchers_on_two_nodes_agree_with_one_launcher(tiny_model_dir, tmp_path):

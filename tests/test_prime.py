@@ -9,6 +9,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ import prime
 import rollout
 import verifier
 from conftest import parity_scores, run_prime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch.manual_seed(0)
 
@@ -98,6 +102,18 @@ def test_token_logprobs_with_shared_prompts_matches_one_forward_per_sequence(tin
         model.zero_grad(set_to_none=True)
     for plain, shared in zip(*grads):
         assert_close(shared, plain)
+    # one-token responses (the batch's width R is 1) and one-token prompts: still two forwards, as
+    # FSDP needs the same number on every rank
+    calls = []
+    hook = tiny_lm.register_forward_hook(lambda *_: calls.append(1))
+    for prompts, responses in [([[3, 4, 5]] * 2 + [[8, 9]] * 2, [[20], [21], [22], [23]]),
+                               ([[7]] * 2 + [[8]], [[20, 21], [22], [23, 24]])]:
+        small = prime.collate(prompts, responses, 0)
+        with torch.no_grad():
+            shared = prime.token_logprobs(tiny_lm, *small[:2], small[2].shape[1], share_prompts=True)
+            assert_close(shared * small[2], prime.token_logprobs(tiny_lm, *small[:2], small[2].shape[1]) * small[2])
+    hook.remove()
+    assert len(calls) == 2 * (2 + 1)  # two shared forwards and one plain forward per case
     # under gradient checkpointing HF drops the cache: the flag falls back to the plain forward
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # as distributed.py
     assert torch.equal(prime.token_logprobs(model, ids, attn, 3, share_prompts=True).detach(),
@@ -708,6 +724,28 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     for name in ("policy", "prm"):
         assert torch.equal(weights(resumed[name]), weights(straight[name])), name
     assert [os.path.basename(c) for c in checkpoint.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000004"]
+
+
+@pytest.mark.slow
+def test_seeded_runs_repeat_bit_for_bit_in_separate_processes(tiny_model_dir, tmp_path):
+    """The same command twice, and the same run stopped after 2 steps and resumed, each in a process
+    of its own with two threads and the default batch flags (64 prompts x K=4 a step, prompts
+    shared): the same metrics bit for bit, timings aside. (The filter is off: the tiny model
+    answers nothing right.)"""
+    flags = ["--model", tiny_model_dir, "--seed", "3", "--eval-size", "8", "--eval-every", "1", "--save-every", "1",
+             "--filter-low", "0", "--filter-high", "1"]
+
+    def prime_py(*argv):
+        out = subprocess.run([sys.executable, "prime.py", *flags, *argv], cwd=ROOT, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+                for line in open(argv[-1] + "/metrics.jsonl")]
+    first = prime_py("--steps", "3", "--run-dir", str(tmp_path / "a"))
+    assert [m["step"] for m in first] == [0, 1, 2, 3] and all("policy/loss" in m for m in first[1:])
+    assert prime_py("--steps", "3", "--run-dir", str(tmp_path / "b")) == first
+    prime_py("--steps", "2", "--run-dir", str(tmp_path / "c"))
+    assert prime_py("--steps", "3", "--resume", "--run-dir", str(tmp_path / "c")) == first
 
 
 def write_rows(path, rows):

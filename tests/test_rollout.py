@@ -3,6 +3,7 @@ needs a GPU and its own torch): what is checked is our side of the contract: how
 built, that sync streams every weight by its HF name and refuses a partial load, that the prefix
 cache is reset, sleep and wake, and how outputs become responses and log-probs.
 """
+import os
 import sys
 import types
 
@@ -15,6 +16,26 @@ import prime
 import rollout
 
 
+class FakeModel:  # the engine's model: takes (HF name, tensor) pairs, returns the names it loaded
+    def __init__(self, llm):
+        self.llm = llm
+
+    def named_parameters(self):
+        return self.llm.hf.named_parameters()
+
+    def load_weights(self, weights):
+        return self.llm.load_weights(weights)
+
+
+class FakeWorker:  # what collective_rpc hands a function, as vLLM 0.30's worker
+    def __init__(self, llm):
+        self.model = FakeModel(llm)
+        self.model_runner = types.SimpleNamespace(get_model=lambda: self.model)
+
+    def reload_weights(self, weights_iterator):
+        self.model.load_weights(weights_iterator)  # as vLLM's: what it loaded is only logged
+
+
 class FakeLLM:
     skip = set()  # weight names the fake engine "fails" to load
 
@@ -22,10 +43,10 @@ class FakeLLM:
         FakeLLM.last = self
         self.kwargs, self.resets, self.params, self.calls = kwargs, 0, None, []
         self.hf = AutoModelForCausalLM.from_pretrained(kwargs["model"])
-        runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self.load_weights,
-                                                                   named_parameters=self.hf.named_parameters))
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-            driver_worker=types.SimpleNamespace(model_runner=runner)))
+        self.worker = FakeWorker(self)
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        return [method(self.worker, *args, **(kwargs or {}))]  # one worker, in this process
 
     def sleep(self, level):
         self.calls.append(f"sleep({level})")
@@ -60,6 +81,10 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setenv("RANK", "3")
     FakeLLM.skip = set()
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()  # VLLMRollout sets what external_launcher reads (MASTER_PORT, ...) in one process
+    os.environ.update(environ)
 
 
 def make_engine(model_dir, **flags):
