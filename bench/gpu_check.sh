@@ -16,8 +16,12 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/prime-gpu-check}
 NPROC=${NPROC:-1}
 # The borrowed GPU machines have transformers 5.17 and no math-verify: what bench/gpu_wheels.sh fetched.
-if ! python3 -c "import sys, math_verify, transformers as t; sys.exit(tuple(map(int, t.__version__.split('.')[:2])) < (5, 24))" 2>/dev/null; then
-  [ -d .whl ] || { echo "gpu_check: needs transformers>=5.24 and math-verify: run bash bench/gpu_wheels.sh and carry .whl" >&2; exit 2; }
+if ! python3 -c "import sys, math_verify, transformers as t
+sys.exit(tuple(map(int, t.__version__.split('.')[:2])) < (5, 24))" 2>/dev/null; then
+  if [ ! -d .whl ]; then
+    echo "gpu_check: needs transformers>=5.24 and math-verify: run bash bench/gpu_wheels.sh, carry .whl" >&2
+    exit 2
+  fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -209,9 +209,9 @@ def test_torchrun_with_the_default_batch_flags(tiny_model_dir, tmp_path):
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run_dir = tmp_path / "run"
+    flags = ["--model", tiny_model_dir, "--steps", "1", "--eval-size", "8", "--filter-low", "0", "--filter-high", "1"]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "prime.py", "--model", tiny_model_dir, "--steps", "1", "--eval-size", "8", "--filter-low", "0",
-                          "--filter-high", "1", "--run-dir", str(run_dir)], cwd=root, capture_output=True, text=True,
+                          "prime.py", *flags, "--run-dir", str(run_dir)], cwd=root, capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     saved = json.load(open(run_dir / "args.json"))
