@@ -40,8 +40,9 @@ def engine_checks(model_dir, out_path):
         return vllm_engine.generate(prompts, greedy=True)[0] == hf_engine.generate(prompts, greedy=True)[0]
 
     def logp_gap():  # what prime logs as rollout/logp_gap: engine vs trainer on what the engine sampled
-        responses, engine_logps = vllm_engine.generate([p for p in prompts for _ in range(4)])
-        ids, attn, mask = data.collate([p for p in prompts for _ in range(4)], responses, vllm_engine.pad_id)
+        grouped = [p for p in prompts for _ in range(4)]
+        responses, engine_logps = vllm_engine.generate(grouped)
+        ids, attn, mask = data.collate(grouped, responses, vllm_engine.pad_id)
         engine_logp = torch.tensor([lp + [0.0] * (mask.shape[1] - len(lp)) for lp in engine_logps])
         with torch.no_grad():
             logp = prime.token_logprobs(policy, ids, attn, mask.shape[1])
@@ -89,7 +90,7 @@ def test_engine_answers_as_hf_and_every_sync_loads_the_policy(tiny_model_dir, tm
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
+def embedded():
     """The embedded default model (cached in ~/.cache/prime as `python prime.py` caches it)."""
     import bootstrap
     return bootstrap.embedded_model(os.path.expanduser("~/.cache/prime"))
