@@ -1,6 +1,7 @@
 """The run directory: args.json, metrics.jsonl, samples.jsonl, eval.json / eval.md, checkpoints.
 
-    RUN_DIR/args.json            the flags of the run (rewritten on --resume with the new --steps, ...)
+    RUN_DIR/args.json            the flags of the run (rewritten on --resume with the new
+                                 --steps, ...)
     RUN_DIR/metrics.jsonl        one line per step (flushed every step)
     RUN_DIR/samples.jsonl        a few responses per eval with their per-token implicit rewards
     RUN_DIR/eval.json, eval.md   every evaluation so far
@@ -35,7 +36,8 @@ def checkpoints(run_dir):
 
 def run_files(run_dir):
     """What in run_dir belongs to a run (empty: no run there)."""
-    return [p for p in (os.path.join(run_dir, f) for f in RUN_FILES) if os.path.exists(p)] + checkpoints(run_dir)
+    return ([p for p in (os.path.join(run_dir, f) for f in RUN_FILES) if os.path.exists(p)]
+            + checkpoints(run_dir))
 
 
 def read_args(run_dir):
@@ -57,7 +59,8 @@ def start(args, default):
             for path in run_files(run_dir):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:  # + the processes, which resume must match
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            # the flags + the processes, which resume must match
             json.dump({**asdict(args), "world_size": distributed.world_size()}, f, indent=2)
         print(f"run dir: {run_dir}" + (" (resumed)" if args.resume else ""))
     distributed.gather_objects(None)  # a barrier: no rank writes into the folder before it exists
@@ -73,10 +76,11 @@ def on_interrupt(run_dir, world):
         if distributed.rank() == 0:
             saved = checkpoints(run_dir)
             launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
-            print(f"\ninterrupted: last checkpoint {saved[-1]}; resume with: {launcher} prime.py --run-dir {run_dir} "
-                  f"--resume" if saved else f"\ninterrupted: no checkpoint in {run_dir} (--save-every N writes them)",
+            print(f"\ninterrupted: last checkpoint {saved[-1]}; resume with: {launcher} prime.py "
+                  f"--run-dir {run_dir} --resume" if saved else
+                  f"\ninterrupted: no checkpoint in {run_dir} (--save-every N writes them)",
                   file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
 
 
 class RunLog:
@@ -95,7 +99,8 @@ class RunLog:
             for path in paths:
                 _truncate_jsonl(path, resume_step)
         self.files = [open(path, "a" if resume_step is not None else "w") for path in paths]
-        self.tracker = _tracker(args, run_dir, resume_step) if self.main and args.report_to != "none" else None
+        self.tracker = (_tracker(args, run_dir, resume_step)
+                        if self.main and args.report_to != "none" else None)
 
     def metrics(self, metrics):
         self._write(self.files[0], [metrics])
@@ -114,7 +119,8 @@ class RunLog:
             table = write_eval_report(self.run_dir, history, self.args, show=self.args.eval_only)
             if self.tracker is not None:
                 self.tracker.table(step, table)
-        pass_at = {f"eval/pass@{k}": v for k, v in result["pass_at_k"].items()} if self.args.eval_samples > 1 else {}
+        pass_at = ({f"eval/pass@{k}": v for k, v in result["pass_at_k"].items()}
+                   if self.args.eval_samples > 1 else {})
         return {"eval/accuracy": result["accuracy"], **pass_at,
                 **{f"eval/accuracy/{source}": acc for source, acc in result["per_source"].items()}}
 
@@ -136,23 +142,30 @@ def _tracker(args, run_dir, resume_step=None):
     --resume continues the same W&B run. TensorBoard's event files are append-only: a resumed run
     marks the steps after its checkpoint purged (TensorBoard hides what the crashed run logged
     there), as metrics.jsonl is truncated; W&B keeps the crashed run's values of those steps."""
-    numbers = lambda m: {k: float(v) for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
+    def numbers(m):  # the numbers of a metrics dict, its step left out
+        return {k: float(v) for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
+
     if args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
                                purge_step=None if resume_step is None else resume_step + 1)
         return SimpleNamespace(
-            metrics=lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in numbers(m).items()] and writer.flush(),
-            table=lambda step, md: writer.add_text("eval", md.replace("\n", "  \n"), step), close=writer.close)
+            metrics=lambda m: ([writer.add_scalar(k, v, m["step"]) for k, v in numbers(m).items()]
+                               and writer.flush()),
+            table=lambda step, md: writer.add_text("eval", md.replace("\n", "  \n"), step),
+            close=writer.close)
     import wandb
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prime"), dir=run_dir, config=asdict(args),
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prime"), dir=run_dir,
+                     config=asdict(args),
                      name=os.path.basename(os.path.abspath(run_dir)), resume="allow",
                      id=hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16])
 
     def table(step, md):
-        rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md.splitlines()[2:] if line]
+        rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                for line in md.splitlines()[2:] if line]
         run.log({"eval/table": wandb.Table(columns=rows[0], data=rows[2:])}, step=step)
-    return SimpleNamespace(metrics=lambda m: run.log(numbers(m), step=m["step"]), table=table, close=run.finish)
+    return SimpleNamespace(metrics=lambda m: run.log(numbers(m), step=m["step"]), table=table,
+                           close=run.finish)
 
 
 def _truncate_jsonl(path, last_step):
@@ -187,12 +200,15 @@ def write_eval_report(run_dir, history, args, show=False):
     how = "greedy" if args.eval_temperature == 0 else \
         f"avg@{args.eval_samples}, T={args.eval_temperature}, top_p={args.eval_top_p}"
     sources = sorted({s for h in history for s in h["per_source"]})
-    ks = [k for k in history[-1].get("pass_at_k", {}) if args.eval_samples > 1]  # greedy: pass@1 = accuracy
-    lines = [f"Accuracy ({how})", "", "| step | all | " + " | ".join(sources + [f"pass@{k}" for k in ks]) + " |",
+    # greedy: pass@1 = accuracy
+    ks = [k for k in history[-1].get("pass_at_k", {}) if args.eval_samples > 1]
+    lines = [f"Accuracy ({how})", "",
+             "| step | all | " + " | ".join(sources + [f"pass@{k}" for k in ks]) + " |",
              "|---:" * (len(sources) + len(ks) + 2) + "|"]
     lines += [f"| {h['step']} | {h['accuracy']:.1%} | " + " | ".join(
         [f"{h['per_source'].get(s, float('nan')):.1%}" for s in sources]
-        + [f"{h.get('pass_at_k', {}).get(k, float('nan')):.1%}" for k in ks]) + " |" for h in history]
+        + [f"{h.get('pass_at_k', {}).get(k, float('nan')):.1%}" for k in ks]) + " |"
+        for h in history]
     with open(os.path.join(run_dir, "eval.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if show:
@@ -213,7 +229,8 @@ class TrainState:
         random.seed(seed + rank)
         self.step, self.stream, self.evals, self.prm_trust = 0, stream, [], 0.5
         self.shuffle = torch.Generator().manual_seed(seed + rank)  # mini-batch order
-        self.noise = torch.Generator().manual_seed(seed + rank + 1_000_003)  # --outcome-noise's own stream
+        # --outcome-noise's own stream
+        self.noise = torch.Generator().manual_seed(seed + rank + 1_000_003)
 
     def state_dict(self):
         """A collective: gathers every rank's generators (checkpoints are written by rank 0)."""
@@ -241,11 +258,17 @@ def save(run_dir, trained, tokenizer, state):
     are), their optimizers and the TrainState. `trained`: {"policy": (model, optimizer), "prm":
     (model, optimizer) or None}. Every rank calls it (gathering sharded weights is a collective);
     rank 0 writes to a temp folder and renames it into place, then removes older checkpoints."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets everything, on CPU
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    # rank 0 gets everything, on CPU
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     trained = {name: pair for name, pair in trained.items() if pair is not None}
     weights = {name: get_model_state_dict(m, options=full) for name, (m, _) in trained.items()}
-    opt_states = {name: get_optimizer_state_dict(m, opt, options=full) for name, (m, opt) in trained.items()}
+    opt_states = {name: get_optimizer_state_dict(m, opt, options=full)
+                  for name, (m, opt) in trained.items()}
     trainer_state = state.state_dict()
     if distributed.rank() != 0:
         return
@@ -268,5 +291,6 @@ def restore(checkpoint, trained, state, rank):
     saved = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
     for name, pair in trained.items():
         if pair is not None:
-            set_optimizer_state_dict(*pair, saved["optimizers"][name], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(*pair, saved["optimizers"][name],
+                                     options=StateDictOptions(full_state_dict=True))
     state.load_state_dict(saved, rank)

@@ -1,4 +1,4 @@
-"""Datasets, prompts and batches for prime: what a fork replaces to train on another task.
+"""Datasets and prompts for prime: what a fork replaces to train on another task.
 
 A row follows the schema of PRIME-RL/Eurus-2-RL-Data:
 
@@ -13,8 +13,7 @@ A row follows the schema of PRIME-RL/Eurus-2-RL-Data:
 - `data_files`, `RowFile`, `RowStream`: .parquet (as the dataset ships) and .jsonl files, folders
   and globs, read and checked as rows are drawn (file, row and field named for anything bad);
   `load_rows` reads an eval set whole. `load_task`: what a run trains and evaluates on.
-- Prompts through the tokenizer's chat template; batches: padded tensors, length-sorted
-  micro-batches, `training_batch`.
+- Prompts through the tokenizer's chat template. (The trainer's batches are batching.py's.)
 """
 import bisect
 import glob
@@ -22,18 +21,18 @@ import json
 import os
 import random
 import re
-from typing import NamedTuple
 
 import torch
 
 import distributed
-import verifier
+import sandbox
 
 ABILITIES = ("math", "code")
 
 
 class DataError(ValueError):
-    """A data file or row that cannot be used, named by file, row and field (one line for the user)."""
+    """A data file or row that cannot be used, named by file, row and field (one line for the
+    user)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,12 +58,14 @@ def addition_solution(a: int, b: int, digits: int = 3) -> str:
 
 
 def solution_tokens(digits: int) -> int:
-    """Tokens a worked solution and its EOS may take (48 for 3 digits, --max-response-len's default)."""
+    """Tokens a worked solution and its EOS may take (48 for 3 digits, --max-response-len's
+    default)."""
     return 10 * digits + 18
 
 
 def addition_row(a: int, b: int, digits: int = 3) -> dict:
-    return {"data_source": "embedded/addition" + (f"{digits}" if digits != 3 else ""), "ability": "math",
+    return {"data_source": "embedded/addition" + (f"{digits}" if digits != 3 else ""),
+            "ability": "math",
             "prompt": [{"role": "user", "content": addition_question(a, b)}],
             "reward_model": {"ground_truth": str(a + b), "style": "rule"}}
 
@@ -91,8 +92,8 @@ def step_truth(tokenizer, rows, responses, width):
     first = [first_wrong_step(row, text) for row, text in zip(rows, texts)]
     if all(f is None for f in first):
         return None
-    return step_end_mask(tokenizer, responses, STEP_SEPARATOR, width), torch.tensor([-1 if f is None else f
-                                                                                     for f in first])
+    return (step_end_mask(tokenizer, responses, STEP_SEPARATOR, width),
+            torch.tensor([-1 if f is None else f for f in first]))
 
 
 def random_pair(rng: random.Random, digits: int) -> tuple[int, int]:
@@ -100,7 +101,8 @@ def random_pair(rng: random.Random, digits: int) -> tuple[int, int]:
     return rng.randint(lo, hi), rng.randint(lo, hi)
 
 
-def addition_pairs(n: int, seed: int, exclude: frozenset = frozenset(), digits: int = 3) -> list[tuple[int, int]]:
+def addition_pairs(n: int, seed: int, exclude: frozenset = frozenset(),
+                   digits: int = 3) -> list[tuple[int, int]]:
     """n distinct (a, b) pairs of `digits`-digit numbers, none in `exclude` (keeps eval problems
     out of training: 'fresh problems of the same family')."""
     rng, pairs = random.Random(seed), {}
@@ -111,7 +113,8 @@ def addition_pairs(n: int, seed: int, exclude: frozenset = frozenset(), digits: 
     return list(pairs)
 
 
-def addition_rows(n: int, seed: int, exclude: frozenset = frozenset(), digits: int = 3) -> list[dict]:
+def addition_rows(n: int, seed: int, exclude: frozenset = frozenset(),
+                  digits: int = 3) -> list[dict]:
     return [addition_row(a, b, digits) for a, b in addition_pairs(n, seed, exclude, digits)]
 
 
@@ -152,7 +155,8 @@ class RowStream:
     file, row and field (with skip_bad_rows it is skipped), a prompt longer than max_prompt_len
     tokens is dropped, and both are counted in `counts` (logged every step)."""
 
-    def __init__(self, files, seed: int, tokenizer, max_prompt_len: int, skip_bad_rows: bool = False):
+    def __init__(self, files, seed: int, tokenizer, max_prompt_len: int,
+                 skip_bad_rows: bool = False):
         self.files, self.tokenizer, self.max_prompt_len = files, tokenizer, max_prompt_len
         self.skip_bad_rows = skip_bad_rows
         self.starts = [0]  # global row index of each file's first row
@@ -167,16 +171,18 @@ class RowStream:
 
     def load_state_dict(self, state: dict):
         self.rng.setstate(state["rng"])
-        self.order, self.usable, self.counts = list(state["order"]), state["usable"], dict(state["counts"])
+        self.order, self.usable, self.counts = (list(state["order"]), state["usable"],
+                                                dict(state["counts"]))
 
     def take(self, n: int) -> list[dict]:
         out = []
         while len(out) < n:
             if not self.order:
                 if self.usable == 0:  # a whole epoch without a usable row
-                    raise DataError(f"--data: no usable rows ({self.counts['skipped_bad_rows']} bad, "
-                                    f"{self.counts['dropped_long_prompts']} prompts longer than --max-prompt-len "
-                                    f"{self.max_prompt_len} tokens)")
+                    raise DataError(f"--data: no usable rows "
+                                    f"({self.counts['skipped_bad_rows']} bad, "
+                                    f"{self.counts['dropped_long_prompts']} prompts longer than "
+                                    f"--max-prompt-len {self.max_prompt_len} tokens)")
                 self.order, self.usable = list(range(self.starts[-1])), 0
                 self.rng.shuffle(self.order)
             i = self.order.pop()
@@ -243,17 +249,21 @@ def data_files(spec: str, split: str) -> list[str]:
     """The .parquet / .jsonl files of a --data or --eval-data value: comma-separated files, folders
     or globs. A folder gives the files under it whose name starts with the split's name (what
     `huggingface-cli download ... --local-dir D` leaves: D/data/train-*.parquet for "train",
-    D/data/validation-*.parquet for "validation"), or, if none is so named, every data file in it."""
+    D/data/validation-*.parquet for "validation"), or, if none is so named, every data file in
+    it."""
     files = []
     for part in filter(None, spec.split(",")):
         if os.path.isdir(part):
-            found = sorted(p for p in glob.glob(os.path.join(part, "**", "*"), recursive=True) if p.endswith(SUFFIXES))
+            found = sorted(p for p in glob.glob(os.path.join(part, "**", "*"), recursive=True)
+                           if p.endswith(SUFFIXES))
             named = [p for p in found if os.path.basename(p).startswith(split)]
             matched = named or found
         else:
-            matched = sorted(glob.glob(part)) if glob.has_magic(part) else [part] if os.path.isfile(part) else []
+            matched = (sorted(glob.glob(part)) if glob.has_magic(part) else
+                       [part] if os.path.isfile(part) else [])
         if not matched:
-            raise DataError(f"{part}: no such file, or no .parquet / .jsonl file in that folder or glob")
+            raise DataError(f"{part}: no such file, or no .parquet / .jsonl file in that folder "
+                            f"or glob")
         bad = [p for p in matched if not p.endswith(SUFFIXES)]
         if bad:
             raise DataError(f"{bad[0]}: expected a .parquet or .jsonl file")
@@ -277,10 +287,11 @@ class RowFile:
         if path.endswith(".parquet"):
             import pyarrow.parquet
             self.table = pyarrow.parquet.read_table(path)
-            missing = [c for c in ("prompt", "ability", "reward_model") if c not in self.table.column_names]
+            missing = [c for c in ("prompt", "ability", "reward_model")
+                       if c not in self.table.column_names]
             if missing:
-                raise DataError(f"{path}: no column '{missing[0]}' (Eurus-2-RL-Data rows have prompt, ability, "
-                                f"reward_model)")
+                raise DataError(f"{path}: no column '{missing[0]}' (Eurus-2-RL-Data rows have "
+                                f"prompt, ability, reward_model)")
             self.numbers = None
             self.size = self.table.num_rows
         else:
@@ -297,7 +308,8 @@ class RowFile:
         return self.size
 
     def has_code_rows(self) -> bool:
-        """Whether any row's ability is "code" (they need the sandbox), without parsing every row."""
+        """Whether any row's ability is "code" (they need the sandbox), without parsing every
+        row."""
         if self.numbers is None:
             return "code" in self.table.column("ability").unique().to_pylist()
         with open(self.path, "rb") as f:
@@ -342,7 +354,8 @@ def load_rows(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[dict]
                     raise
                 errors.append(str(e))
     if not rows:
-        raise DataError(f"no usable rows in {paths}" + (f" ({len(errors)} bad, first: {errors[0]})" if errors else ""))
+        raise DataError(f"no usable rows in {paths}"
+                        + (f" ({len(errors)} bad, first: {errors[0]})" if errors else ""))
     return rows, errors
 
 
@@ -353,18 +366,20 @@ def load_task(args, embedded_model):
     rows are checked as they are drawn (RowStream). Code rows need the sandbox, or
     --allow-unsandboxed-code."""
     from transformers import AutoTokenizer
-    train, evals = open_task("" if args.eval_only else args.data, args.eval_data, args.skip_bad_rows)
+    train, evals = open_task("" if args.eval_only else args.data, args.eval_data,
+                             args.skip_bad_rows)
     if has_code_rows(train, evals):
         try:  # generated code runs sandboxed, or not at all unless the user says otherwise
-            verifier.require_sandbox(args.allow_unsandboxed_code)
-        except verifier.SandboxUnavailable as e:
+            sandbox.require_sandbox(args.allow_unsandboxed_code)
+        except sandbox.SandboxUnavailable as e:
             raise DataError(str(e)) from None
     model_path = args.model or distributed.local_first(
         lambda: embedded_model(os.path.expanduser(args.cache_dir), digits=args.task_digits))
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     verbose = distributed.rank() == 0
-    return model_path, tokenizer, *task_streams(train, evals, tokenizer, args.seed, args.max_prompt_len,
-                                                args.skip_bad_rows, args.eval_size, args.task_digits, verbose)
+    return model_path, tokenizer, *task_streams(train, evals, tokenizer, args.seed,
+                                                args.max_prompt_len, args.skip_bad_rows,
+                                                args.eval_size, args.task_digits, verbose)
 
 
 def open_task(train: str, evals: str, skip_bad_rows: bool = False):
@@ -375,10 +390,12 @@ def open_task(train: str, evals: str, skip_bad_rows: bool = False):
 
 
 def has_code_rows(train, evals) -> bool:
-    return any(f.has_code_rows() for f in train) or any(r["ability"] == "code" for r in (evals or ([], []))[0])
+    return (any(f.has_code_rows() for f in train)
+            or any(r["ability"] == "code" for r in (evals or ([], []))[0]))
 
 
-def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, eval_size, digits=3, verbose=True):
+def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, eval_size, digits=3,
+                 verbose=True):
     """(training stream, eval rows, counts for the step-0 metrics): RowStream over the training
     files, or the built-in addition without them; the eval rows whose prompts fit, or the
     built-in held-out problems."""
@@ -391,12 +408,14 @@ def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, e
         return AdditionStream(seed, eval_rows, digits), eval_rows, counts
     counts["data/train_rows"] = sum(map(len, train))
     if verbose:
-        print(f"data (train): {counts['data/train_rows']} rows in {len(train)} files, checked as they are drawn "
-              f"(bad rows and prompts longer than --max-prompt-len are counted in metrics.jsonl)")
+        print(f"data (train): {counts['data/train_rows']} rows in {len(train)} files, checked as "
+              f"they are drawn (bad rows and prompts longer than --max-prompt-len are counted in "
+              f"metrics.jsonl)")
     return RowStream(train, seed, tokenizer, max_prompt_len, skip_bad_rows), eval_rows, counts
 
 
-def drop_long_prompts(tokenizer, rows, errors, max_prompt_len: int, verbose=True) -> tuple[list, dict]:
+def drop_long_prompts(tokenizer, rows, errors, max_prompt_len: int,
+                      verbose=True) -> tuple[list, dict]:
     """(the eval rows whose prompt fits max_prompt_len tokens, counts for the step-0 metrics: rows
     kept, bad rows skipped, prompts dropped). Nothing vanishes silently: printed too."""
     lengths = [len(p) for p in prompt_token_ids(tokenizer, rows)]
@@ -404,10 +423,11 @@ def drop_long_prompts(tokenizer, rows, errors, max_prompt_len: int, verbose=True
     dropped = len(rows) - len(kept)
     if verbose:
         print(f"data (eval): {len(kept)} rows; {len(errors)} bad rows skipped"
-              + (f" (first: {errors[0]})" if errors else "") + f"; {dropped} longer than --max-prompt-len dropped")
+              + (f" (first: {errors[0]})" if errors else "")
+              + f"; {dropped} longer than --max-prompt-len dropped")
     if not kept:
-        raise DataError(f"--eval-data: no rows left once prompts longer than --max-prompt-len ({max_prompt_len} "
-                        f"tokens) are dropped")
+        raise DataError(f"--eval-data: no rows left once prompts longer than --max-prompt-len "
+                        f"({max_prompt_len} tokens) are dropped")
     return kept, {"data/eval_rows": len(kept), "data/eval_skipped_bad_rows": len(errors),
                   "data/eval_dropped_long_prompts": dropped}
 
@@ -420,85 +440,12 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
     fallback: "Role: content" per message, blank lines between, then "Assistant:"."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
+    return ("\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+            + "\n\nAssistant:")
 
 
 def prompt_token_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
-    """Each row's prompt (see prompt_text) as token ids; the template carries any special tokens."""
-    return [tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches: token-id lists -> padded tensors, and the forward passes over them
-def left_pad(seqs, pad_id):
-    """Token-id lists -> input_ids, attention_mask [B, max len], padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
-    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    return ids, attn
-
-
-def collate(prompts, responses, pad_id):
-    """Left-padded prompts + right-padded responses -> input_ids, attention_mask [B, P+R] and the
-    response mask [B, R] (responses already end at their first EOS)."""
-    p_ids, p_attn = left_pad(prompts, pad_id)
-    R = max(1, max(len(r) for r in responses))
-    r_ids = torch.tensor([r + [pad_id] * (R - len(r)) for r in responses])
-    mask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses])
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_attn, mask.long()], 1), mask
-
-
-def micro_batches(batch, rows, max_count, max_tokens=0, reduce=lambda x, op: x):
-    """Split rows `rows` [n] of a collated batch into forward passes, sorted by length: at most
-    max_count rows each and, if max_tokens > 0, at most that many tokens once padded (rows x (the
-    longest prompt + the longest response)), so padding does not dominate when lengths vary
-    (verl's dynamic batch size). Yields (row indices, input_ids, attention_mask, r): the columns
-    that are padding in every row are cut away; r is the response width kept. With `reduce` (an
-    all-reduce) every rank makes as many passes as the rank that needs most."""
-    ids, attn, mask = batch
-    R = mask.shape[1]
-    P = ids.shape[1] - R
-    p_len, r_len = attn[:, :P].sum(-1).tolist(), [max(1, n) for n in mask.sum(-1).long().tolist()]
-    groups = []
-    for i in sorted(rows.tolist(), key=lambda i: -(p_len[i] + r_len[i])):
-        group = groups[-1] if groups else []
-        p, r = max([p_len[i]] + [p_len[j] for j in group]), max([r_len[i]] + [r_len[j] for j in group])
-        if group and len(group) < max_count and (max_tokens <= 0 or (p + r) * (len(group) + 1) <= max_tokens):
-            group.append(i)
-        else:
-            groups.append([i])
-    while len(groups) < int(reduce(torch.tensor(len(groups)), "max")):  # split the largest
-        largest = max(groups, key=len)
-        groups[groups.index(largest):groups.index(largest) + 1] = [largest[::2], largest[1::2]]
-    for group in groups:
-        idx = torch.tensor(group, device=ids.device)
-        p, r = max(p_len[j] for j in group), max(r_len[j] for j in group)
-        cols = torch.cat([torch.arange(P - p, P), torch.arange(P, P + r)]).to(ids.device)
-        yield idx, ids[idx][:, cols], attn[idx][:, cols], r
-
-
-def padded(x, R):
-    """[b, r] -> [b, R], zeros on the right: a micro-batch's values back at the batch's width."""
-    return torch.nn.functional.pad(x, (0, R - x.shape[1]))
-
-
-class Groups(NamedTuple):  # this rank's kept groups of a step: K responses per prompt, contiguous
-    prompts: list  # token ids, as responses
-    responses: list
-    rows: list
-    engine_logps: list  # of each response's tokens, or Nones
-    outcome: torch.Tensor  # [n]
-
-
-def training_batch(groups, tokenizer, args, pad_id, device, with_truth=True):
-    """What prime.prime_step takes for a step's kept groups: the collated batch, the
-    engine's log-probs [B, R] (or None), the --granularity step ends, the task's step truth
-    (None unless with_truth: only a PRM's rewards are checked against it)."""
-    batch = tuple(t.to(device) for t in collate(groups.prompts, groups.responses, pad_id))
-    R = batch[2].shape[1]
-    engine_logp = None if None in groups.engine_logps else torch.tensor(
-        [lp + [0.0] * (R - len(lp)) for lp in groups.engine_logps], device=device)
-    step_ends = step_end_mask(tokenizer, groups.responses, args.step_separator, R).to(device) \
-        if args.granularity == "step" else None
-    truth = step_truth(tokenizer, groups.rows, groups.responses, R) if with_truth else None
-    return batch, engine_logp, step_ends, truth and tuple(t.to(device) for t in truth)
+    """Each row's prompt (see prompt_text) as token ids; the template carries any special
+    tokens."""
+    return [tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+            for r in rows]

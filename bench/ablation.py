@@ -2,7 +2,8 @@
 
     pip install -r requirements-bench.txt
     python bench/ablation.py --out runs/ablation --seeds 0,1,2 --budget-minutes 60
-    python bench/ablation.py --configs prime,outcome-only --steps 50 -- --eval-every 5   # flags after -- go to prime.py
+    # flags after -- go to prime.py:
+    python bench/ablation.py --configs prime,outcome-only --steps 50 -- --eval-every 5
 
 Runs `prime.py` once per (configuration, seed), seed-major (every configuration on seed 0, then
 on seed 1, ...) so a budget cut short still compares configurations on the same seeds. Every run
@@ -24,31 +25,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # name -> the prime.py flags that differ from the default; the question it answers
     "prime": [],  # PRIME as the official code runs it
     "outcome-only": ["--no-prm"],  # do dense implicit rewards beat outcome-only RLOO?
-    "offline-prm": ["--prm-update", "none", "--prm-model", "{offline_prm}"],  # does updating the PRM online matter?
+    # does updating the PRM online matter?
+    "offline-prm": ["--prm-update", "none", "--prm-model", "{offline_prm}"],
     "whole": ["--granularity", "whole"],  # does token-level credit beat one reward per response?
-    "step": ["--granularity", "step", "--step-separator", ","],  # ... or one per reasoning step (a digit column here)?
+    # ... or one per reasoning step (a digit column here)?
+    "step": ["--granularity", "step", "--step-separator", ","],
     "grpo": ["--estimator", "grpo"],  # group z-scores instead of RLOO (paper Eq. 7)
     "reinforce": ["--estimator", "reinforce"],  # no baseline at all (paper Eq. 8)
-    "adaptive-coef": ["--adaptive-process-coef"],  # trust the PRM only as far as it ranks fresh samples
-    "outcome-noise-0.2": ["--outcome-noise", "0.2"],  # how does PRIME cope with a verifier wrong 20% of the time?
+    # trust the PRM only as far as it ranks fresh samples
+    "adaptive-coef": ["--adaptive-process-coef"],
+    # how does PRIME cope with a verifier wrong 20% of the time?
+    "outcome-noise-0.2": ["--outcome-noise", "0.2"],
     "outcome-only-noise-0.2": ["--no-prm", "--outcome-noise", "0.2"],  # ... and outcome-only RLOO?
     "min-credit": ["--credit", "min"],  # PURE's min-form credit instead of PRIME's sum
-    "step-adaptive": ["--granularity", "step", "--step-separator", ",", "--adaptive-process-coef"],  # credit per
-    # digit column, trusted only as far as the PRM ranks fresh samples better than chance
+    # credit per digit column, trusted only as far as the PRM ranks fresh samples better than chance
+    "step-adaptive": ["--granularity", "step", "--step-separator", ",", "--adaptive-process-coef"],
 }
 DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
-NOISY = {"outcome-noise-0.2": "prime", "outcome-only-noise-0.2": "outcome-only"}  # -> its clean configuration
+# noisy configuration -> its clean configuration
+NOISY = {"outcome-noise-0.2": "prime", "outcome-only-noise-0.2": "outcome-only"}
 
 
 def offline_prm(seed, args, extra):
-    """The offline PRM of a seed: trained for --offline-prm-steps PRIME steps with the policy frozen
-    (--lr 0), i.e. on the initial policy's samples only, then frozen for the offline-prm run. (An
-    offline PRM that equals its reference, the SFT model, would give q = 0: outcome-only RLOO.)"""
+    """The offline PRM of a seed: trained for --offline-prm-steps PRIME steps with the policy
+    frozen (--lr 0), i.e. on the initial policy's samples only, then frozen for the offline-prm
+    run. (An offline PRM that equals its reference, the SFT model, would give q = 0: outcome-only
+    RLOO.)"""
     run_dir = os.path.join(args.out, f"offline-prm-training-seed{seed}")
     prm = os.path.join(run_dir, f"checkpoint-{args.offline_prm_steps:06d}", "prm")
     if not os.path.isdir(prm):  # (an unfinished training run is replaced: --overwrite)
-        subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
-                        "--steps", str(args.offline_prm_steps), "--save-every", str(args.offline_prm_steps), "--lr", "0",
+        subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir,
+                        "--seed", str(seed), "--steps", str(args.offline_prm_steps),
+                        "--save-every", str(args.offline_prm_steps), "--lr", "0",
                         "--overwrite", *extra], check=True, cwd=ROOT)
     return prm
 
@@ -58,11 +66,15 @@ def run_once(name, seed, args, extra):
     whether it ran."""
     run_dir = os.path.join(args.out, f"{name}-seed{seed}")
     path = os.path.join(run_dir, "metrics.jsonl")
-    done = os.path.exists(path) and any(json.loads(line)["step"] == args.steps for line in open(path))
-    if not done:  # an unfinished run (killed midway, no checkpoint) is started again: --overwrite
-        flags = [offline_prm(seed, args, extra) if f == "{offline_prm}" else f for f in CONFIGS[name]]
-        subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir, "--seed", str(seed),
-                        "--steps", str(args.steps), "--overwrite", *flags, *extra], check=True, cwd=ROOT)
+    done = os.path.exists(path) and any(json.loads(line)["step"] == args.steps
+                                        for line in open(path))
+    # an unfinished run (killed midway, no checkpoint) is started again: --overwrite
+    if not done:
+        flags = [offline_prm(seed, args, extra) if f == "{offline_prm}" else f
+                 for f in CONFIGS[name]]
+        subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--run-dir", run_dir,
+                        "--seed", str(seed), "--steps", str(args.steps), "--overwrite", *flags,
+                        *extra], check=True, cwd=ROOT)
     return [json.loads(line) for line in open(path)], not done
 
 
@@ -72,8 +84,10 @@ def curve_rows(name, seed, metrics):
     for m in metrics:
         seen += sum(v for k, v in m.items() if k.startswith("verifier/"))
         rows.append({"config": name, "seed": seed, "step": m["step"], "samples_seen": seen,
-                     "rollout_accuracy": m.get("rollout/accuracy", ""), "eval_accuracy": m.get("eval/accuracy", ""),
-                     "prm_accuracy": m.get("prm/accuracy", ""), "first_error_hit": m.get("prm/first_error_hit", ""),
+                     "rollout_accuracy": m.get("rollout/accuracy", ""),
+                     "eval_accuracy": m.get("eval/accuracy", ""),
+                     "prm_accuracy": m.get("prm/accuracy", ""),
+                     "first_error_hit": m.get("prm/first_error_hit", ""),
                      "first_error_chance": m.get("prm/first_error_chance", "")})
     return rows
 
@@ -90,32 +104,40 @@ def summarize(rows, target, base="outcome-only"):
 
     table, reach_by = {}, {}
     for name in dict.fromkeys(r["config"] for r in rows):
-        runs, series = {}, {key: {} for key in ("prm_accuracy", "first_error_hit", "first_error_chance")}
+        runs = {}
+        series = {key: {} for key in ("prm_accuracy", "first_error_hit", "first_error_chance")}
         for r in (r for r in rows if r["config"] == name):
             if r["eval_accuracy"] != "":
                 runs.setdefault(r["seed"], []).append(r)
             for key, per_seed in series.items():
-                if r[key] != "" and r[key] == r[key]:  # (NaN: a step without pairs, or without wrong answers)
+                # x == x is False for NaN: a step without pairs, or without wrong answers
+                if r[key] != "" and r[key] == r[key]:
                     per_seed.setdefault(r["seed"], []).append(r[key])
         finals = [evals[-1]["eval_accuracy"] for evals in runs.values()]
-        reach_by[name] = {seed: next((e["samples_seen"] for e in evals if e["eval_accuracy"] >= target), None)
+        reach_by[name] = {seed: next((e["samples_seen"] for e in evals
+                                      if e["eval_accuracy"] >= target), None)
                           for seed, evals in runs.items()}
         reach = list(reach_by[name].values())
-        table[name] = {"seeds": len(runs), "start": sum(e[0]["eval_accuracy"] for e in runs.values()) / len(runs),
+        table[name] = {"seeds": len(runs),
+                       "start": sum(e[0]["eval_accuracy"] for e in runs.values()) / len(runs),
                        "final": sum(finals) / len(finals), "min": min(finals), "max": max(finals),
                        "samples_to_target": None if None in reach else sum(reach) / len(reach),
-                       **{f"{key}_{part}": window_means(per_seed, cut) for key, per_seed in series.items()
-                          for part, cut in (("first", lambda v: v[:10]), ("last", lambda v: v[-10:]))}}
+                       **{f"{key}_{part}": window_means(per_seed, cut)
+                          for key, per_seed in series.items()
+                          for part, cut in (("first", lambda v: v[:10]),
+                                            ("last", lambda v: v[-10:]))}}
     for name, t in table.items():
         pairs = [(n, reach_by[base][seed]) for seed, n in reach_by[name].items()
                  if n and reach_by.get(base, {}).get(seed)]
-        t["vs_base"] = (min(n / b for n, b in pairs), max(n / b for n, b in pairs)) if pairs else None
+        t["vs_base"] = ((min(n / b for n, b in pairs), max(n / b for n, b in pairs)) if pairs
+                        else None)
     return table
 
 
 def noise_kept(rows):
     """Per noisy configuration whose clean one ran too: (clean, seeds, mean clean gain, mean noisy
-    gain, noisy / clean gain per seed), gains being final - start eval accuracy on the same seeds."""
+    gain, noisy / clean gain per seed), gains being final - start eval accuracy on the same
+    seeds."""
     gains = {}  # (config, seed) -> final - start eval accuracy
     for r in rows:
         if r["eval_accuracy"] != "":
@@ -144,22 +166,29 @@ def plot(rows, path):
         for r in rows:
             if r["config"] == name and r["eval_accuracy"] != "":
                 by_step.setdefault(r["step"], []).append(r)
-        steps = sorted(s for s, rs in by_step.items() if len(rs) == max(map(len, by_step.values())))  # every seed
+        # the steps every seed logged
+        steps = sorted(s for s, rs in by_step.items() if len(rs) == max(map(len, by_step.values())))
         x = [sum(r["samples_seen"] for r in by_step[s]) / len(by_step[s]) for s in steps]
         accs = [[r["eval_accuracy"] for r in by_step[s]] for s in steps]
         line, = ax.plot(x, [sum(a) / len(a) for a in accs], label=f"{name} ({len(accs[0])} seeds)")
-        ax.fill_between(x, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.15)
+        ax.fill_between(x, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(),
+                        alpha=0.15)
         hits = {}  # step -> (samples seen, hit, chance) of each seed that logged one
         for r in rows:
-            if r["config"] == name and r["first_error_hit"] != "" and r["first_error_hit"] == r["first_error_hit"]:
-                hits.setdefault(r["step"], []).append((r["samples_seen"], r["first_error_hit"], r["first_error_chance"]))
+            if (r["config"] == name and r["first_error_hit"] != ""
+                    and r["first_error_hit"] == r["first_error_hit"]):
+                hits.setdefault(r["step"], []).append((r["samples_seen"], r["first_error_hit"],
+                                                       r["first_error_chance"]))
         if hits:
             steps = sorted(hits)
-            smooth = lambda i, j: sum(v[j] for s in steps[max(0, i - 9):i + 1] for v in hits[s]) / \
-                sum(len(hits[s]) for s in steps[max(0, i - 9):i + 1])
+            # smoothing: the values of each step and of the 9 steps before it
+            windows = [[v for s in steps[max(0, i - 9):i + 1] for v in hits[s]]
+                       for i in range(len(steps))]
             x = [sum(v[0] for v in hits[s]) / len(hits[s]) for s in steps]
-            hit_ax.plot(x, [smooth(i, 1) for i in range(len(steps))], color=line.get_color(), label=name)
-            hit_ax.plot(x, [smooth(i, 2) for i in range(len(steps))], color=line.get_color(), linestyle=":")
+            hit_ax.plot(x, [sum(v[1] for v in w) / len(w) for w in windows],
+                        color=line.get_color(), label=name)
+            hit_ax.plot(x, [sum(v[2] for v in w) / len(w) for w in windows],
+                        color=line.get_color(), linestyle=":")
     ax.set_xlabel("responses sampled")
     ax.set_ylabel("held-out greedy accuracy")
     hit_ax.set_xlabel("responses sampled")
@@ -176,15 +205,19 @@ def main():
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/ablation", help="folder for the runs, curves.csv and curves.png")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    parser.add_argument("--out", default="runs/ablation",
+                        help="folder for the runs, curves.csv and curves.png")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated, from {list(CONFIGS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=150, help="PRIME steps per run")
     parser.add_argument("--budget-minutes", type=float, default=float("inf"),
                         help="start no run that would, at the pace so far, end past this")
     parser.add_argument("--offline-prm-steps", type=int, default=20,
-                        help="steps the offline PRM trains on the initial policy's samples before it is frozen")
-    parser.add_argument("--target", type=float, default=0.7, help="eval accuracy for the samples-to-target column")
+                        help="steps the offline PRM trains on the initial policy's samples before "
+                             "it is frozen")
+    parser.add_argument("--target", type=float, default=0.7,
+                        help="eval accuracy for the samples-to-target column")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
@@ -195,7 +228,8 @@ def main():
     for seed in map(int, args.seeds.split(",")):
         for name in names:
             elapsed = (time.time() - t0) / 60
-            if runs and elapsed + elapsed / runs > args.budget_minutes:  # pace of runs made here, not reused ones
+            # pace of runs made here, not reused ones
+            if runs and elapsed + elapsed / runs > args.budget_minutes:
                 print(f"budget: stopping after {runs} new runs ({elapsed:.1f} min)")
                 break
             metrics, ran = run_once(name, seed, args, extra)
@@ -210,8 +244,12 @@ def main():
         writer.writerows(rows)
     plot(rows, os.path.join(args.out, "curves.png"))
     table = summarize(rows, args.target)
-    fmt = lambda v, f: "-" if v is None else format(v, f)
-    print(f"\n| configuration | seeds | eval at start | final eval (min-max) | responses to {args.target:.0%} "
+
+    def fmt(v, f):
+        return "-" if v is None else format(v, f)
+
+    print(f"\n| configuration | seeds | eval at start | final eval (min-max) "
+          f"| responses to {args.target:.0%} "
           f"| vs outcome-only, per seed | PRM pairwise acc., first / last 10 steps "
           f"| first-error hit (chance), first / last 10 steps |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -221,17 +259,21 @@ def main():
         hit = "-" if t["first_error_hit_first"] is None else (
             f"{t['first_error_hit_first']:.2f} ({t['first_error_chance_first']:.2f}) / "
             f"{t['first_error_hit_last']:.2f} ({t['first_error_chance_last']:.2f})")
-        print(f"| {name} | {t['seeds']} | {t['start']:.1%} | {t['final']:.1%} ({t['min']:.1%}-{t['max']:.1%}) "
-              f"| {reach} | {ratio} | {fmt(t['prm_accuracy_first'], '.2f')} / {fmt(t['prm_accuracy_last'], '.2f')} "
+        print(f"| {name} | {t['seeds']} | {t['start']:.1%} | {t['final']:.1%} "
+              f"({t['min']:.1%}-{t['max']:.1%}) "
+              f"| {reach} | {ratio} | {fmt(t['prm_accuracy_first'], '.2f')} / "
+              f"{fmt(t['prm_accuracy_last'], '.2f')} "
               f"| {hit} |")
     kept = noise_kept(rows)
     if kept:
-        print("\n| configuration | seeds | clean gain | gain with flipped labels | kept (min-max over seeds) |")
+        print("\n| configuration | seeds | clean gain | gain with flipped labels "
+              "| kept (min-max over seeds) |")
         print("|---|---:|---:|---:|---:|")
         for noisy, (clean, n, clean_gain, noisy_gain, ratios) in kept.items():
             print(f"| {clean} vs {noisy} | {n} | {clean_gain:+.1%} | {noisy_gain:+.1%} "
                   f"| {noisy_gain / clean_gain:.0%} ({min(ratios):.0%} to {max(ratios):.0%}) |")
-    print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} ({(time.time() - t0) / 60:.1f} min)")
+    print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} "
+          f"({(time.time() - t0) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

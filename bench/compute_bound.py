@@ -11,6 +11,7 @@ Timed in this process on same_work's 4.1M Qwen2 and one batch of its 64 sampled 
   shared by its K responses): less arithmetic than the work itself, the same numbers up to
   rounding.
 """
+
 import argparse
 import json
 import os
@@ -23,10 +24,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from same_work import NEW_TOKENS, PROMPTS, K, build_work, print_machine  # noqa: E402
+
+import batching  # noqa: E402
 import data  # noqa: E402
 import prime  # noqa: E402
 import rollout  # noqa: E402
-from same_work import K, NEW_TOKENS, PROMPTS, build_work, print_machine  # noqa: E402
 
 
 def median_seconds(fns, reps):
@@ -48,15 +51,19 @@ def main():
     a = p.parse_args()
     print_machine()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder = tempfile.mkdtemp(prefix="compute-bound-")
     build_work(folder)
-    load = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     policy, engine = load().train(), rollout.HFRollout(load(), tokenizer, NEW_TOKENS, 1.0, 1.0)
     rows = [json.loads(line) for line in open(os.path.join(folder, "train.jsonl"))][:PROMPTS]
     prompts = data.prompt_token_ids(tokenizer, [r for r in rows for _ in range(K)])
     torch.manual_seed(0)
-    ids, attn, mask = prime.collate(prompts, engine.generate(prompts)[0], engine.pad_id)
+    ids, attn, mask = batching.collate(prompts, engine.generate(prompts)[0], engine.pad_id)
     B, R = mask.shape
     P = ids.shape[1] - R
 
@@ -64,36 +71,66 @@ def main():
         def run():
             ((logps() * mask).sum() / mask.sum()).backward()
             policy.zero_grad(set_to_none=True)
+
         return run
 
-    shared = lambda: prime.token_logprobs(policy, ids, attn, R, share_prompts=True)
+    def shared():
+        return prime.token_logprobs(policy, ids, attn, R, share_prompts=True)
+
     def batched():
-        logits = policy(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+        logits = policy(
+            input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=R + 1
+        ).logits[:, :-1]
         return logits.log_softmax(-1).gather(-1, ids[:, -R:, None]).squeeze(-1)
 
-    fb = median_seconds({"prime": fwd_bwd(lambda: prime.token_logprobs(policy, ids, attn, R)),
-                         "batched": fwd_bwd(batched), "shared": fwd_bwd(shared)}, a.reps)
-    gap = ((shared() - prime.token_logprobs(policy, ids, attn, R)).detach() * mask).abs().max().item()
+    fb = median_seconds(
+        {
+            "prime": fwd_bwd(lambda: prime.token_logprobs(policy, ids, attn, R)),
+            "batched": fwd_bwd(batched),
+            "shared": fwd_bwd(shared),
+        },
+        a.reps,
+    )
+    gap = (
+        ((shared() - prime.token_logprobs(policy, ids, attn, R)).detach() * mask).abs().max().item()
+    )
 
     linears = [m for m in policy.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    macs = sum(m.in_features * m.out_features for m in linears) * B * (P + R) \
+    macs = (
+        sum(m.in_features * m.out_features for m in linears) * B * (P + R)
         + policy.lm_head.in_features * policy.lm_head.out_features * B * R
+    )
     square, mlp_in = torch.randn(2048, 2048), torch.randn(B * (P + R), policy.config.hidden_size)
     mlp_w = torch.randn(policy.config.hidden_size, policy.config.intermediate_size)
     mm = median_seconds({"square": lambda: square @ square, "mlp": lambda: mlp_in @ mlp_w}, a.reps)
-    peak, at_shape = 2 * 2048 ** 3 / mm["square"] / 1e9, 2 * mlp_in.numel() * mlp_w.shape[1] / mm["mlp"] / 1e9
-    print(f"batch: {B} responses, {P} prompt + {R} response columns ({K} responses per prompt), "
-          f"{int(mask.sum())} response tokens\n")
+    peak, at_shape = (
+        2 * 2048**3 / mm["square"] / 1e9,
+        2 * mlp_in.numel() * mlp_w.shape[1] / mm["mlp"] / 1e9,
+    )
+    print(
+        f"batch: {B} responses, {P} prompt + {R} response columns ({K} responses per prompt), "
+        f"{int(mask.sum())} response tokens\n"
+    )
     print("| measurement | value |\n|---|---:|")
     print(f"| fp32 matmul, 2048 x 2048 x 2048 | {peak:.0f} GFLOP/s |")
-    print(f"| fp32 matmul, the MLP's shape on this batch ({B * (P + R)} x {mlp_w.shape[0]} x {mlp_w.shape[1]}) "
-          f"| {at_shape:.0f} GFLOP/s |")
+    print(
+        f"| fp32 matmul, the MLP's shape on this batch "
+        f"({B * (P + R)} x {mlp_w.shape[0]} x {mlp_w.shape[1]}) | {at_shape:.0f} GFLOP/s |"
+    )
     print(f"| policy forward+backward, prime.token_logprobs | {fb['prime']:.3f} s |")
-    print(f"| the same with one log-softmax over the whole batch (no row loop) | {fb['batched']:.3f} s |")
-    print(f"| the same with --share-prompts (each prompt once, its KV shared by {K} responses) | {fb['shared']:.3f} s "
-          f"({fb['shared'] / fb['prime']:.2f}x; log-probs within {gap:.1e}) |")
-    print(f"| prime's forward+backward: its linear layers' FLOPs (6 x {macs / 1e9:.2f} G multiply-adds) / its "
-          f"time | {6 * macs / fb['prime'] / 1e9:.0f} GFLOP/s |")
+    print(
+        f"| the same with one log-softmax over the whole batch (no row loop) "
+        f"| {fb['batched']:.3f} s |"
+    )
+    print(
+        f"| the same with --share-prompts (each prompt once, its KV shared by {K} responses) "
+        f"| {fb['shared']:.3f} s ({fb['shared'] / fb['prime']:.2f}x; log-probs within {gap:.1e}) |"
+    )
+    print(
+        f"| prime's forward+backward: its linear layers' FLOPs "
+        f"(6 x {macs / 1e9:.2f} G multiply-adds) / its time "
+        f"| {6 * macs / fb['prime'] / 1e9:.0f} GFLOP/s |"
+    )
 
 
 if __name__ == "__main__":

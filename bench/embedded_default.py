@@ -19,23 +19,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main():
     extra = [a for a in sys.argv[1:] if a != "--keep-cache"]
-    cache = os.path.expanduser("~/.cache/prime") if "--keep-cache" in sys.argv else tempfile.mkdtemp(prefix="prime-cache-")
+    cache = (os.path.expanduser("~/.cache/prime") if "--keep-cache" in sys.argv
+             else tempfile.mkdtemp(prefix="prime-cache-"))
     run_dir = tempfile.mkdtemp(prefix="prime-run-")
     t0 = time.time()
-    subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--cache-dir", cache, "--run-dir", run_dir, *extra],
-                   check=True, cwd=ROOT)
+    subprocess.run([sys.executable, os.path.join(ROOT, "prime.py"), "--cache-dir", cache,
+                    "--run-dir", run_dir, *extra], check=True, cwd=ROOT)
     minutes = (time.time() - t0) / 60
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     evals = [(m["step"], m["eval/accuracy"]) for m in metrics if "eval/accuracy" in m]
-    print(f"\nrun dir: {run_dir}\n\n| step | eval accuracy | rollout accuracy (last 10 steps) | PRM pairwise accuracy (last 10) |")
+    print(f"\nrun dir: {run_dir}\n\n| step | eval accuracy | rollout accuracy (last 10 steps) "
+          f"| PRM pairwise accuracy (last 10) |")
     print("|---:|---:|---:|---:|")
+
+    def mean(window, key, fmt):  # of `key` over the metrics rows in `window`; "-" without it
+        if not (window and key in window[0]):
+            return "-"
+        return format(sum(m[key] for m in window) / len(window), fmt)
+
     for step, acc in evals:
         window = [m for m in metrics if step - 10 < m["step"] <= step and "rollout/accuracy" in m]
-        mean = lambda key, fmt: format(sum(m[key] for m in window) / len(window), fmt) if window and key in window[0] else "-"
-        print(f"| {step} | {acc:.1%} | {mean('rollout/accuracy', '.1%')} | {mean('prm/accuracy', '.3f')} |")
+        print(f"| {step} | {acc:.1%} | {mean(window, 'rollout/accuracy', '.1%')} "
+              f"| {mean(window, 'prm/accuracy', '.3f')} |")
     gain = 100 * (evals[-1][1] - evals[0][1])
-    print(f"\nwall clock {minutes:.1f} min (target <= 15); eval {evals[0][1]:.1%} -> {evals[-1][1]:.1%} "
-          f"({gain:+.1f} points, target >= +10)")
+    print(f"\nwall clock {minutes:.1f} min (target <= 15); eval {evals[0][1]:.1%} -> "
+          f"{evals[-1][1]:.1%} ({gain:+.1f} points, target >= +10)")
 
 
 if __name__ == "__main__":

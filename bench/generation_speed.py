@@ -22,10 +22,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# busy_cpu_seconds: its children count as its own (none here)
+from same_work import busy_cpu_seconds, print_machine  # noqa: E402
+
 import bootstrap  # noqa: E402
 import data  # noqa: E402
 import rollout  # noqa: E402
-from same_work import busy_cpu_seconds, print_machine  # noqa: E402  (its children count as its own: none here)
 
 EMBEDDED = os.path.expanduser("~/.cache/prime/embedded-addition-v1-seed0-target0.3")
 
@@ -46,12 +48,15 @@ def memory_bandwidth(mib=512, reps=5):
 
 
 def embedded_model():
-    """(model, tokenizer, what it is): the cached warm-up model, else the same architecture untrained."""
+    """(model, tokenizer, what it is): the cached warm-up model, else the same architecture
+    untrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if os.path.exists(os.path.join(EMBEDDED, "config.json")):
         return (AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(EMBEDDED, padding_side="left"), "embedded default (cached)")
-    corpus = [data.addition_question(a, b) + data.addition_solution(a, b) for a, b in data.addition_pairs(2000, 0)]
+                AutoTokenizer.from_pretrained(EMBEDDED, padding_side="left"),
+                "embedded default (cached)")
+    corpus = [data.addition_question(a, b) + data.addition_solution(a, b)
+              for a, b in data.addition_pairs(2000, 0)]
     tokenizer = bootstrap.build_tokenizer(corpus + [bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
     return bootstrap.build_model(tokenizer, 0), tokenizer, "embedded default (untrained)"
 
@@ -59,9 +64,10 @@ def embedded_model():
 def smollm2_shape():
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
     return AutoModelForCausalLM.from_config(config).float()
 
 
@@ -91,29 +97,32 @@ def main():
     print_machine()
     (all0, own0), t0 = busy_cpu_seconds(), time.time()
     bandwidth, copy = memory_bandwidth()
-    print(f"memory bandwidth: read {bandwidth / 1e9:.1f} GB/s (the limit below), copy {copy / 1e9:.1f} GB/s "
-          f"(bytes copied); {a.new_tokens} new tokens per response, fp32\n")
+    print(f"memory bandwidth: read {bandwidth / 1e9:.1f} GB/s (the limit below), "
+          f"copy {copy / 1e9:.1f} GB/s (bytes copied); {a.new_tokens} new tokens per response, "
+          f"fp32\n")
     rows = []
     model, tokenizer, name = embedded_model()
     prompts = data.prompt_token_ids(tokenizer, data.addition_rows(64, 0))
-    rows.append((name, model, tokens_per_s(model, tokenizer, [q for q in prompts for _ in range(4)], a.new_tokens), 256))
+    four_each = [q for q in prompts for _ in range(4)]  # K = 4 responses per prompt
+    rows.append((name, model, tokens_per_s(model, tokenizer, four_each, a.new_tokens), 256))
     model = smollm2_shape()
     gen = torch.Generator().manual_seed(0)
     for batch in map(int, a.batches.split(",")):
         prompts = torch.randint(3, 49152, (batch, a.prompt_len), generator=gen).tolist()
-        rows.append(("SmolLM2-135M shape", model, tokens_per_s(model, NoTokenizer(), prompts, a.new_tokens), batch))
-    print("| model | params | batch | tokens/s | weight-bandwidth limit tokens/s | fraction | fraction of the "
-          "copy-rate limit |\n|---|---:|---:|---:|---:|---:|---:|")
+        rows.append(("SmolLM2-135M shape", model,
+                     tokens_per_s(model, NoTokenizer(), prompts, a.new_tokens), batch))
+    print("| model | params | batch | tokens/s | weight-bandwidth limit tokens/s | fraction "
+          "| fraction of the copy-rate limit |\n|---|---:|---:|---:|---:|---:|---:|")
     for name, model, (speed, _), batch in rows:
         params = list(model.parameters())  # tied embeddings: one tensor, read once per step
         weight_bytes = sum(t.numel() * t.element_size() for t in params)
         limit = batch * bandwidth / weight_bytes
-        print(f"| {name} | {sum(t.numel() for t in params) / 1e6:.2f}M | {batch} | {speed:.0f} | {limit:.0f} | "
-              f"{speed / limit:.1%} | {speed / (limit * copy / bandwidth):.1%} |")
+        print(f"| {name} | {sum(t.numel() for t in params) / 1e6:.2f}M | {batch} | {speed:.0f} "
+              f"| {limit:.0f} | {speed / limit:.1%} | {speed / (limit * copy / bandwidth):.1%} |")
     (all1, own1), seconds = busy_cpu_seconds(), time.time() - t0
     others = max(0.0, (all1 - all0) - (own1 - own0)) / (seconds * os.cpu_count())
-    print(f"\nother processes used {others:.0%} of the CPUs meanwhile (rerun if not ~0: they slow PyTorch "
-          f"many-fold); load average (1 min) at end: {os.getloadavg()[0]:.2f}")
+    print(f"\nother processes used {others:.0%} of the CPUs meanwhile (rerun if not ~0: they slow "
+          f"PyTorch many-fold); load average (1 min) at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

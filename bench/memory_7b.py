@@ -12,15 +12,18 @@ and sleeps (KV cache freed, weights offloaded) while the trainer runs.
 import argparse
 import json
 
-QWEN25_MATH_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                      num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+QWEN25_MATH_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                      tie_word_embeddings=False)
 
 
 def parameters(c):
     """(total, one decoder layer) parameter counts of a Qwen2-style config."""
-    h, inter, head = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    h, inter, head = (c["hidden_size"], c["intermediate_size"],
+                      c["hidden_size"] // c["num_attention_heads"])
     kv = c["num_key_value_heads"] * head
-    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h  # q, k, v (biases), o, MLP, norms
+    # q, k, v (biases), o, MLP, norms
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
     embeddings = c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2)
     return c["num_hidden_layers"] * layer + embeddings + h, layer
 
@@ -29,7 +32,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="an HF config.json (default: Qwen2.5-Math-7B's numbers)")
     parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU (paper: 8x A100-80G)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0,
+                        help="memory per GPU (paper: 8x A100-80G)")
     parser.add_argument("--tokens-per-micro-batch", type=int, default=16384)
     parser.add_argument("--max-response-len", type=int, default=3072)
     parser.add_argument("--vllm-share", type=float, default=0.3)
@@ -37,31 +41,39 @@ def main():
     c = dict(QWEN25_MATH_7B, **(json.load(open(args.config)) if args.config else {}))
     total, layer = parameters(c)
     h, inter, n, gib = c["hidden_size"], c["intermediate_size"], args.gpus, 2**30
-    tokens, kv = args.tokens_per_micro_batch, c["num_key_value_heads"] * (h // c["num_attention_heads"])
-    response_tokens = min(tokens, args.max_response_len * max(1, tokens // (1024 + args.max_response_len)))
+    tokens, kv = (args.tokens_per_micro_batch,
+                  c["num_key_value_heads"] * (h // c["num_attention_heads"]))
+    response_tokens = min(tokens, args.max_response_len
+                          * max(1, tokens // (1024 + args.max_response_len)))
     rows = [
         ("policy: fp32 weights + fp32 gradients + AdamW (2 fp32 states), sharded", 16 * total / n),
         ("implicit PRM: the same", 16 * total / n),
         ("reference: bf16 weights, sharded", 2 * total / n),
-        ("FSDP2: two decoder layers gathered in bf16 (the current and the prefetched)", 2 * 2 * layer),
-        ("activations kept between layers (gradient checkpointing), bf16", tokens * h * 2 * c["num_hidden_layers"]),
+        ("FSDP2: two decoder layers gathered in bf16 (the current and the prefetched)",
+         2 * 2 * layer),
+        ("activations kept between layers (gradient checkpointing), bf16",
+         tokens * h * 2 * c["num_hidden_layers"]),
         ("one decoder layer recomputed in the backward pass, bf16 (~6h + 4I + 2kv values a token)",
          tokens * (6 * h + 4 * inter + 2 * kv) * 2),
-        (f"logits of {response_tokens:,} response tokens, bf16, and their gradient", 2 * response_tokens * c["vocab_size"] * 2),
-        ("fp32 log-softmax copies of each row, kept for the backward pass", response_tokens * c["vocab_size"] * 4),
+        (f"logits of {response_tokens:,} response tokens, bf16, and their gradient",
+         2 * response_tokens * c["vocab_size"] * 2),
+        ("fp32 log-softmax copies of each row, kept for the backward pass",
+         response_tokens * c["vocab_size"] * 4),
     ]
     training = sum(b for _, b in rows)
     vllm = args.vllm_share * args.gpu_gib * gib
-    print(f"{c['num_hidden_layers']} layers, hidden {h}, vocabulary {c['vocab_size']}: {total / 1e9:.2f}B parameters; "
-          f"{n} GPUs of {args.gpu_gib:.0f} GiB\n")
+    print(f"{c['num_hidden_layers']} layers, hidden {h}, vocabulary {c['vocab_size']}: "
+          f"{total / 1e9:.2f}B parameters; {n} GPUs of {args.gpu_gib:.0f} GiB\n")
     print("| per GPU | GiB |\n|---|---:|")
     for name, b in rows:
         print(f"| {name} | {b / gib:.1f} |")
     print(f"| **while the trainer runs** (vLLM asleep) | **{training / gib:.1f}** |")
-    print(f"| vLLM while it samples: {args.vllm_share:.0%} of the GPU (bf16 weights {2 * total / gib:.1f} GiB "
-          f"unsharded, the rest KV cache at {2 * c['num_hidden_layers'] * kv * 2 / 1024:.0f} KiB a token) "
+    print(f"| vLLM while it samples: {args.vllm_share:.0%} of the GPU (bf16 weights "
+          f"{2 * total / gib:.1f} GiB unsharded, the rest KV cache at "
+          f"{2 * c['num_hidden_layers'] * kv * 2 / 1024:.0f} KiB a token) "
           f"| {vllm / gib:.1f} |")
-    print(f"| sharded states while vLLM samples (policy, PRM, reference) | {sum(b for _, b in rows[:3]) / gib:.1f} |")
+    print(f"| sharded states while vLLM samples (policy, PRM, reference) "
+          f"| {sum(b for _, b in rows[:3]) / gib:.1f} |")
     print(f"\nWithout --vllm-sleep the trainer shares the GPU with vLLM's {vllm / gib:.0f} GiB: "
           f"{(training + vllm) / gib:.0f} of {args.gpu_gib:.0f} GiB.")
 

@@ -21,13 +21,15 @@ def colour(reward: float, scale: float) -> str:
 
 def render(samples: list[dict]) -> str:
     scale = max((abs(r) for s in samples for r in s["rewards"]), default=0.0)
-    parts = ["<!doctype html><meta charset='utf-8'><title>prime: token-level implicit rewards</title>",
+    parts = ["<!doctype html><meta charset='utf-8'>"
+             "<title>prime: token-level implicit rewards</title>",
              "<style>body{font-family:sans-serif;max-width:72em;margin:2em auto}"
              ".r{font-family:monospace;white-space:pre-wrap;line-height:1.9;margin:.3em 0 1em}"
              ".t{padding:1px 0;border-radius:2px}.ok{color:#080}.bad{color:#b00}</style>",
              "<h1>Token-level implicit process rewards</h1>",
-             f"<p>Each token's background is its reward &beta;&middot;q<sub>t</sub>: green = credited, red = blamed; "
-             f"full colour = &plusmn;{scale:.3g}, the largest on this page. Hover a token for its value.</p>"]
+             f"<p>Each token's background is its reward &beta;&middot;q<sub>t</sub>: green = "
+             f"credited, red = blamed; full colour = &plusmn;{scale:.3g}, the largest on this "
+             f"page. Hover a token for its value.</p>"]
     if not any(s["rewards"] for s in samples):
         parts.append("<p>No process rewards in these samples (an outcome-only run).</p>")
     for step in sorted({s["step"] for s in samples}):
@@ -35,9 +37,11 @@ def render(samples: list[dict]) -> str:
         for s in (s for s in samples if s["step"] == step):
             ok = s["outcome"] >= 1
             parts.append(f"<div>outcome <b class='{'ok' if ok else 'bad'}'>{s['outcome']:g}</b>"
-                         + (f" &mdash; prompt: <code>{html.escape(s['prompt'])}</code>" if s.get("prompt") else "") + "</div>")
+                         + (f" &mdash; prompt: <code>{html.escape(s['prompt'])}</code>"
+                            if s.get("prompt") else "") + "</div>")
             rewards = s["rewards"] or [0.0] * len(s["tokens"])
-            spans = "".join(f"<span class='t' style='background:{colour(r, scale)}' title='{r:+.4g}'>{html.escape(t)}</span>"
+            spans = "".join(f"<span class='t' style='background:{colour(r, scale)}' "
+                            f"title='{r:+.4g}'>{html.escape(t)}</span>"
                             for t, r in zip(s["tokens"], rewards))
             parts.append(f"<div class='r'>{spans}</div>")
     return "\n".join(parts) + "\n"

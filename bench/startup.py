@@ -24,20 +24,24 @@ def write_rows(path, n):
     import pyarrow.parquet
     rows = [json.loads(line) for line in open(FIXTURE)]
     rows = [r for r in rows if r["ability"] == "math"]
-    table = pyarrow.Table.from_pylist([dict(rows[i % len(rows)], extra_info={"index": i}) for i in range(n)])
+    table = pyarrow.Table.from_pylist([dict(rows[i % len(rows)], extra_info={"index": i})
+                                       for i in range(n)])
     pyarrow.parquet.write_table(table, path)
 
 
 def run(data, model, out):
     """(seconds, peak RSS in GiB) of one `prime.py --steps 1` in its own process."""
-    cmd = [sys.executable, os.path.join(ROOT, "prime.py"), "--data", data, "--steps", "1", "--prompts-per-step", "16",
-           "--eval-size", "50", "--filter-low", "0", "--filter-high", "1", "--max-response-len", "32",
-           "--run-dir", out, *(["--model", model] if model else [])]
+    cmd = [sys.executable, os.path.join(ROOT, "prime.py"), "--data", data, "--steps", "1",
+           "--prompts-per-step", "16", "--eval-size", "50", "--filter-low", "0",
+           "--filter-high", "1", "--max-response-len", "32", "--run-dir", out,
+           *(["--model", model] if model else [])]
     # a fresh parent per run: RUSAGE_CHILDREN's peak is then this run's (its largest process)
-    wrapper = ("import resource, subprocess, sys, time; t0 = time.time(); p = subprocess.run(sys.argv[1:], "
-               "capture_output=True, text=True); print(time.time() - t0, resource.getrusage("
-               "resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(p.stderr[-3000:] if p.returncode else '')")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=ROOT, capture_output=True, text=True)
+    wrapper = ("import resource, subprocess, sys, time; t0 = time.time(); "
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "sys.stderr.write(p.stderr[-3000:] if p.returncode else '')")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=ROOT, capture_output=True,
+                          text=True)
     if proc.stderr:
         sys.exit(proc.stderr)
     seconds, kib = proc.stdout.split()
@@ -51,13 +55,15 @@ def main():
     args = parser.parse_args()
     sizes = [int(n) for n in args.rows.split(",")]
     work = tempfile.mkdtemp(prefix="prime-startup-")
-    print(f"load average {os.getloadavg()[0]:.2f}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"load average {os.getloadavg()[0]:.2f}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print("\n| rows | parquet MB | wall s (start + 1 step) | peak RSS GiB |\n|---:|---:|---:|---:|")
     for n in sizes:
         path = os.path.join(work, f"rows{n}.parquet")
         write_rows(path, n)
         seconds, peak = run(path, args.model, os.path.join(work, f"run{n}"))
-        print(f"| {n:,} | {os.path.getsize(path) / 1e6:.1f} | {seconds:.1f} | {peak:.2f} |", flush=True)
+        print(f"| {n:,} | {os.path.getsize(path) / 1e6:.1f} | {seconds:.1f} | {peak:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,26 @@ One process trains on the whole batch; two processes, each sharding the models w
 on half of it each. Advantages (batch_norm max and whitening are all-reduced), losses, gradients
 (FSDP averages them) and the weights streamed into the rollout engine must agree.
 """
+
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ROOT, TINY, all_right, flags, parity_scores, ragged_batch, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import batching
 import checkpoint
+import distributed
 import prime
 import rollout
-import verifier
-from conftest import parity_scores
+import sandbox
 from distributed import free_port
 
 K, GROUPS, LR = 2, 4, 0.5
@@ -27,48 +32,61 @@ K, GROUPS, LR = 2, 4, 0.5
 def fixed_batch():
     """8 responses (4 groups of K=2) of ragged lengths, with mixed outcomes in every group."""
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 40, (int(n),), generator=gen).tolist() for n in torch.randint(3, 7, (GROUPS,), generator=gen)]
+    prompts = [
+        torch.randint(3, 40, (int(n),), generator=gen).tolist()
+        for n in torch.randint(3, 7, (GROUPS,), generator=gen)
+    ]
     prompts = [p for p in prompts for _ in range(K)]
-    responses = [torch.randint(3, 40, (n,), generator=gen).tolist() for n in [2, 5, 3, 3, 6, 1, 4, 6]]
+    responses = [
+        torch.randint(3, 40, (n,), generator=gen).tolist() for n in [2, 5, 3, 3, 6, 1, 4, 6]
+    ]
     outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5, 1.0])
     return prompts, responses, outcome
 
 
-def perturbed_prm(model_dir):
-    """A PRM away from its reference (the tiny model plus fixed noise, saved next to it), so that
-    q is O(0.01) from the first step: where the PRM equals its reference, q is 0 up to ~1e-6 of
-    float noise that differs with micro-batch shapes and that batch_norm would scale up to O(1)."""
-    path = os.path.join(model_dir, "perturbed-prm")
-    if not os.path.exists(path):
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        with torch.no_grad():
-            for i, p in enumerate(model.parameters()):
-                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-        model.save_pretrained(path)
-    return path
-
-
-def one_step(model_dir, rank, world, loss_agg, **overrides):
-    """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights."""
-    args = prime.Args(**{"model": model_dir, "samples_per_prompt": K, "mini_batch_size": K * GROUPS,
-                         "micro_batch_size": 2, "loss_agg": loss_agg, "beta": 0.5,
-                         "prm_model": os.path.join(model_dir, "perturbed-prm"), **overrides})
-    policy, prm, ref, *_ = prime.setup_models(args, model_dir, torch.device("cpu"))
+def one_step(model_dir, prm_dir, rank, world, loss_agg, **overrides):
+    """Policy/PRM SGD step on this rank's share of the fixed batch -> advantages, metrics, weights.
+    The PRM (prm_dir) starts away from its reference, so q is O(0.1) from the first step (where
+    they are equal q is float noise that differs with micro-batch shapes, and that batch_norm
+    would scale up to O(1))."""
+    args = prime.Args(
+        **{
+            "model": model_dir,
+            "samples_per_prompt": K,
+            "mini_batch_size": K * GROUPS,
+            "micro_batch_size": 2,
+            "loss_agg": loss_agg,
+            "beta": 0.5,
+            "prm_model": prm_dir,
+            **overrides,
+        }
+    )
+    policy, prm, ref, *_ = distributed.setup_models(args, model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, responses, outcome = fixed_batch()
     share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)
-    batch = prime.collate(prompts[share], responses[share], tokenizer.pad_token_id)
+    batch = batching.collate(prompts[share], responses[share], tokenizer.pad_token_id)
     # SGD: the weight change is lr * gradient, so weights compare gradients (Adam's first step
     # is ~lr * sign(g), which float noise in a near-zero gradient can flip)
-    models = prime.Models(policy, prm, ref, torch.optim.SGD(policy.parameters(), lr=LR),
-                          torch.optim.SGD(prm.parameters(), lr=LR))
+    models = distributed.Models(
+        policy,
+        prm,
+        ref,
+        torch.optim.SGD(policy.parameters(), lr=LR),
+        torch.optim.SGD(prm.parameters(), lr=LR),
+    )
     state = checkpoint.TrainState(None, seed=0, rank=0)
     for _ in range(2):  # the second step starts from the first's updates
         q, advantages, metrics = prime.prime_step(models, batch, outcome[share], args, state)
-    engine = rollout.HFRollout(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, args.max_response_len)
+    engine = rollout.HFRollout(
+        AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, args.max_response_len
+    )
     engine.sync(policy)
-    return {"advantages": [a[m.bool()] for a, m in zip(advantages, batch[2])], "metrics": metrics,
-            "engine": {k: v.clone() for k, v in engine.model.state_dict().items()}}
+    return {
+        "advantages": [a[m.bool()] for a, m in zip(advantages, batch[2])],
+        "metrics": metrics,
+        "engine": {k: v.clone() for k, v in engine.model.state_dict().items()},
+    }
 
 
 def bf16_steps(model_dir, rank, world):
@@ -76,14 +94,27 @@ def bf16_steps(model_dir, rank, world):
     FSDP2 computes in bf16 from fp32 master weights and reduces gradients in fp32; the frozen
     reference holds bf16 weights. -> q of step 1, the metrics, how far the policy moved along the
     first step's advantages, and the dtypes seen."""
-    args = prime.Args(model=model_dir, samples_per_prompt=K, mini_batch_size=K * GROUPS,
-                      micro_batch_size=K * GROUPS // world, beta=0.5, precision="bf16", lr=1e-3, prm_lr=1e-3)
-    models = prime.setup_models(args, model_dir, torch.device("cpu"))
+    args = prime.Args(
+        model=model_dir,
+        samples_per_prompt=K,
+        mini_batch_size=K * GROUPS,
+        micro_batch_size=K * GROUPS // world,
+        beta=0.5,
+        precision="bf16",
+        lr=1e-3,
+        prm_lr=1e-3,
+    )
+    models = distributed.setup_models(args, model_dir, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, responses, outcome = fixed_batch()
     share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)
-    batch = prime.collate(prompts[share], responses[share], tokenizer.pad_token_id)
-    logp = lambda: prime.batched_logprobs(models.policy, batch, args, {args.temperature})[args.temperature]
+    batch = batching.collate(prompts[share], responses[share], tokenizer.pad_token_id)
+
+    def logp():
+        return prime.batched_logprobs(models.policy, batch, args, {args.temperature})[
+            args.temperature
+        ]
+
     before, state, metrics = logp(), checkpoint.TrainState(None, seed=0, rank=rank), []
     for step in range(4):
         q, advantages, step_metrics = prime.prime_step(models, batch, outcome[share], args, state)
@@ -92,55 +123,97 @@ def bf16_steps(model_dir, rank, world):
             q1, advantages1 = q, advantages
     with torch.no_grad():
         logits = models.policy(input_ids=batch[0], attention_mask=batch[1]).logits
-    return {"q1": q1, "metrics": metrics, "gain": (advantages1 * (logp() - before)).sum().item(),
-            "dtypes": {"policy": {p.dtype for group in models.policy_opt.param_groups for p in group["params"]},
-                       "ref": {p.dtype for p in models.ref.parameters()}, "compute": logits.dtype}}
+    return {
+        "q1": q1,
+        "metrics": metrics,
+        "gain": (advantages1 * (logp() - before)).sum().item(),
+        "dtypes": {
+            "policy": {
+                p.dtype for group in models.policy_opt.param_groups for p in group["params"]
+            },
+            "ref": {p.dtype for p in models.ref.parameters()},
+            "compute": logits.dtype,
+        },
+    }
 
 
-def rank_main(rank, world, port, model_dir, out_dir, job):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         if job == "steps":
-            steps = {agg: one_step(model_dir, rank, world, agg, share_prompts=False)
-                     for agg in ("seq-mean-token-mean", "token-mean")}
+            steps = {
+                agg: one_step(model_dir, prm_dir, rank, world, agg, share_prompts=False)
+                for agg in ("seq-mean-token-mean", "token-mean")
+            }
             # --share-prompts (the default): micro-batches of 4 hold both responses of some prompts
-            steps["shared"] = one_step(model_dir, rank, world, "token-mean", micro_batch_size=4)
+            steps["shared"] = one_step(
+                model_dir, prm_dir, rank, world, "token-mean", micro_batch_size=4
+            )
             torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
         elif job == "bf16":
             torch.save(bf16_steps(model_dir, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the whole trainer for two steps, with a checkpoint
-            verifier.score_batch = parity_scores
-            settings = dict(model=model_dir, prompts_per_step=4, samples_per_prompt=2, max_response_len=6, eval_size=6,
-                            eval_every=1, mini_batch_size=8, micro_batch_size=2)
-            prime.main(prime.Args(**settings, run_dir=os.path.join(out_dir, "run"), steps=2, filter_low=0.0,
-                                  filter_high=1.0, save_every=2))
+            sandbox.score_batch = parity_scores
+            settings = dict(TWO_RANKS, model=model_dir)
+            prime.main(
+                prime.Args(**settings, run_dir=os.path.join(out_dir, "run"), steps=2, save_every=2)
+            )
             # rank 0 answers everything right, so its groups never pass the filter: at the round
             # limit every rank trains on as many groups as the poorest rank has (none)
             if rank == 0:
-                verifier.score_batch = lambda responses, *_, **__: ([1.0] * len(responses), {"ok": len(responses)})
-            prime.main(prime.Args(**settings, run_dir=os.path.join(out_dir, "starved"), steps=1, max_filter_rounds=3))
+                sandbox.score_batch = all_right
+            # the default filter, 3 rounds
+            settings.update(filter_low=0.2, filter_high=0.8, max_filter_rounds=3)
+            prime.main(prime.Args(**settings, run_dir=os.path.join(out_dir, "starved"), steps=1))
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
 
-def spawn(job, model_dir, out_dir):
-    mp.spawn(rank_main, args=(2, free_port(), model_dir, str(out_dir), job), nprocs=2)
+# 2 prompts x K=2 on each of two ranks
+TWO_RANKS = dict(TINY, prompts_per_step=4, mini_batch_size=8)
 
 
-def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
-    perturbed_prm(tiny_model_dir)
-    spawn("steps", tiny_model_dir, tmp_path)
+def spawn(job, model_dir, out_dir, prm_dir=None):
+    mp.spawn(rank_main, args=(2, free_port(), model_dir, prm_dir, str(out_dir), job), nprocs=2)
+
+
+@pytest.mark.slow
+def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, perturbed_model_dir, tmp_path):
+    spawn("steps", tiny_model_dir, tmp_path, perturbed_model_dir)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for agg in ("seq-mean-token-mean", "token-mean", "shared"):  # shared: two ranks with --share-prompts
-        single = one_step(tiny_model_dir, 0, 1, "token-mean" if agg == "shared" else agg, share_prompts=False)
+    # shared: two ranks with --share-prompts
+    for agg in ("seq-mean-token-mean", "token-mean", "shared"):
+        single = one_step(
+            tiny_model_dir,
+            perturbed_model_dir,
+            0,
+            1,
+            "token-mean" if agg == "shared" else agg,
+            share_prompts=False,
+        )
         two = [r[agg] for r in ranks]
-        adv_single, adv_two = torch.cat(single["advantages"]), torch.cat(two[0]["advantages"] + two[1]["advantages"])
+        adv_single, adv_two = (
+            torch.cat(single["advantages"]),
+            torch.cat(two[0]["advantages"] + two[1]["advantages"]),
+        )
         assert adv_single.abs().max() > 0.1 and torch.allclose(adv_single, adv_two, atol=1e-5), agg
-        for key in ("prm/loss", "policy/loss", "prm/return_abs", "policy/grad_norm", "prm/grad_norm"):
+        for key in (
+            "prm/loss",
+            "policy/loss",
+            "prm/return_abs",
+            "policy/grad_norm",
+            "prm/grad_norm",
+        ):
             mean_two = sum(t["metrics"][key] for t in two) / 2
             assert mean_two == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), (agg, key)
         assert single["metrics"]["prm/return_abs"] > 0
@@ -153,19 +226,29 @@ def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_bf16_fsdp2_as_gpus_run_it(tiny_model_dir, tmp_path):
     """GPUs' precision on two CPU processes (gloo): bf16 compute, fp32 master weights and gradient
-    reductions, a bf16 reference. PRM and reference compute the same way, so q is exactly 0 at step
-    1; a few steps on one batch fit the PRM to its labels and move the policy along the advantages."""
+    reductions, a bf16 reference. PRM and reference compute the same way, so q is exactly 0 at
+    step 1; a few steps on one batch fit the PRM to its labels and move the policy along the
+    advantages."""
     spawn("bf16", tiny_model_dir, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r in ranks:
-        assert r["dtypes"] == {"policy": {torch.float32}, "ref": {torch.bfloat16}, "compute": torch.bfloat16}
+        assert r["dtypes"] == {
+            "policy": {torch.float32},
+            "ref": {torch.bfloat16},
+            "compute": torch.bfloat16,
+        }
         assert torch.count_nonzero(r["q1"]) == 0  # exactly: not noise that batch_norm would blow up
         first, last = r["metrics"][0], r["metrics"][-1]
-        assert first["prm/loss"] == pytest.approx(math.log(2), abs=1e-6) and first["prm/return_abs"] == 0.0
+        assert (
+            first["prm/loss"] == pytest.approx(math.log(2), abs=1e-6)
+            and first["prm/return_abs"] == 0.0
+        )
         assert last["prm/loss"] < first["prm/loss"] - 0.01
-    assert sum(r["gain"] for r in ranks) > 0.1  # sum_t A_t (log pi_after - log pi_before) over both ranks
+    # sum_t A_t (log pi_after - log pi_before) over both ranks
+    assert sum(r["gain"] for r in ranks) > 0.1
 
 
+@pytest.mark.slow
 def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
     spawn("main", tiny_model_dir, tmp_path)
     run_dir = tmp_path / "run"
@@ -179,17 +262,25 @@ def test_trainer_runs_with_two_processes(tiny_model_dir, tmp_path):
     # the checkpoint's policy is a plain HF folder (gathered from the shards)
     ckpt = checkpoint.checkpoints(str(run_dir))[-1]
     model = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "policy"))
-    assert json.load(open(os.path.join(ckpt, "policy", "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
-    assert not torch.equal(model.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.embed_tokens.weight)
+    assert json.load(open(os.path.join(ckpt, "policy", "config.json")))["architectures"] == [
+        "Qwen2ForCausalLM"
+    ]
+    assert not torch.equal(
+        model.model.embed_tokens.weight,
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.embed_tokens.weight,
+    )
     assert len(torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["rng"]) == 2
     starved = [json.loads(line) for line in open(tmp_path / "starved" / "metrics.jsonl")][1]
-    assert starved["filter/rounds"] == 3 and starved["filter/kept_groups"] == 0 and "policy/loss" not in starved
+    assert (
+        starved["filter/rounds"] == 3
+        and starved["filter/kept_groups"] == 0
+        and "policy/loss" not in starved
+    )
     # rank 0 sampled all 3 rounds of 2 prompts x K=2; rank 1 stopped once it had its quota
     assert 3 * 4 + 4 <= starved["verifier/ok"] + starved.get("verifier/wrong", 0) <= 2 * 3 * 4
 
 
 def test_counts_are_summed_over_ranks_and_everything_else_averaged():
-    import distributed
     ranks = [{}, {}]
     for m, (ok, loss) in zip(ranks, [(3, 0.5), (4, 1.5)]):
         distributed.add_count(m, "verifier/ok", ok)
@@ -197,7 +288,10 @@ def test_counts_are_summed_over_ranks_and_everything_else_averaged():
         m.update({"prm/loss": loss, "rollout/accuracy": 0.25})
     merged = distributed.merge_metrics(ranks)
     assert merged == {"verifier/ok": 7, "a/new_count": 2, "prm/loss": 1.0, "rollout/accuracy": 0.25}
-    assert isinstance(merged["verifier/ok"], distributed.Count) and json.dumps(merged["verifier/ok"]) == "7"
+    assert (
+        isinstance(merged["verifier/ok"], distributed.Count)
+        and json.dumps(merged["verifier/ok"]) == "7"
+    )
 
 
 @pytest.mark.slow
@@ -205,42 +299,145 @@ def test_torchrun_with_the_default_batch_flags(tiny_model_dir, tmp_path):
     """torchrun --nproc_per_node=2 prime.py as users run it: no batch flags (64 prompts x K=4 a
     step, a mini-batch of 128, the micro-batch each process's share of it). Only the model, the
     length of the run and the filter (the tiny model answers nothing right) are set."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run_dir = tmp_path / "run"
-    flags = ["--model", tiny_model_dir, "--steps", "1", "--eval-size", "8", "--filter-low", "0", "--filter-high", "1"]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "prime.py", *flags, "--run-dir", str(run_dir)], cwd=root, capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    flags = [
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        "1",
+        "--eval-size",
+        "8",
+        "--filter-low",
+        "0",
+        "--filter-high",
+        "1",
+    ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "prime.py",
+            *flags,
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     saved = json.load(open(run_dir / "args.json"))
-    assert (saved["world_size"], saved["mini_batch_size"], saved["micro_batch_size"]) == (2, 128, 64)
+    assert (saved["world_size"], saved["mini_batch_size"], saved["micro_batch_size"]) == (
+        2,
+        128,
+        64,
+    )
     step = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][1]
     assert step["filter/kept_groups"] == 64 and "policy/loss" in step and "prm/loss" in step
 
 
+@pytest.mark.slow
 def test_two_launchers_on_two_nodes_agree_with_one_launcher(tiny_model_dir, tmp_path):
     """torchrun's own multi-node launch (c10d rendezvous; here two nodes on 127.0.0.1, one process
     each) runs the same training as one launcher with two processes."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = ["--model", tiny_model_dir, "--steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2",
-             "--max-response-len", "6", "--eval-size", "4", "--eval-every", "1", "--filter-low", "0",
-             "--filter-high", "1", "--mini-batch-size", "8", "--micro-batch-size", "2", "--save-every", "2"]
+    argv = [
+        "prime.py",
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        "2",
+        "--save-every",
+        "2",
+        *flags(TWO_RANKS),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    launch = lambda extra, run_dir: subprocess.Popen(torchrun + extra + ["prime.py", *flags, "--run-dir", str(run_dir)],
-                                                    cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def launch(torchrun_flags, run_dir):
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *torchrun_flags,
+                *argv,
+                "--run-dir",
+                str(run_dir),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
     one = launch(["--nproc-per-node", "2", "--standalone"], tmp_path / "one")
     assert one.wait(timeout=900) == 0, one.stderr.read().decode()[-3000:]
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", endpoint, "--rdzv-id", "prime-test"], tmp_path / "two") for i in range(2)]
+    nodes = [
+        launch(
+            [
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(i),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "prime-test",
+            ],
+            tmp_path / "two",
+        )
+        for i in range(2)
+    ]
     for node in nodes:
         assert node.wait(timeout=900) == 0, node.stderr.read().decode()[-3000:]
-    read = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
-                      for line in open(d / "metrics.jsonl")]
+
+    def read(run_dir):
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+            for line in open(run_dir / "metrics.jsonl")
+        ]
+
     assert read(tmp_path / "two") == read(tmp_path / "one") and len(read(tmp_path / "one")) == 3
-    assert checkpoint.checkpoints(str(tmp_path / "two")) == [str(tmp_path / "two" / "checkpoint-000002")]
+    assert checkpoint.checkpoints(str(tmp_path / "two")) == [
+        str(tmp_path / "two" / "checkpoint-000002")
+    ]
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
+    """--gradient-checkpointing recomputes activations in the backward pass: same gradients."""
+    batch = ragged_batch()
+    advantages = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)) * batch[2]
+    changes = []
+    for checkpointing in (False, True):
+        args = prime.Args(
+            no_prm=True,
+            gradient_checkpointing=checkpointing,
+            mini_batch_size=6,
+            micro_batch_size=3,
+            grad_clip=1e9,
+        )
+        policy = distributed.setup_models(args, tiny_model_dir, torch.device("cpu")).policy
+        assert policy.is_activation_checkpointing == checkpointing
+        before = weights(policy)
+        prime.update_policy(
+            policy,
+            torch.optim.SGD(policy.parameters(), lr=1.0),
+            batch,
+            None,
+            None,
+            advantages,
+            args,
+            torch.Generator().manual_seed(0),
+        )
+        changes.append(weights(policy) - before)
+    assert changes[0].abs().max() > 1e-3
+    torch.testing.assert_close(changes[1], changes[0], atol=1e-6, rtol=1e-4)

@@ -1,39 +1,89 @@
 """run_math.sh: every flag it passes exists in prime.Args and carries the paper's value."""
+
 import os
 import subprocess
 
-from transformers import HfArgumentParser
+from conftest import ROOT, fake_executable
 
+import cli
 import prime
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_run_math_sh_flags_parse_to_the_papers_recipe(tmp_path):
-    fake = tmp_path / "torchrun"  # prints the command line instead of launching 8 GPUs
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
-    out = subprocess.run(["bash", os.path.join(ROOT, "run_math.sh"), "--seed", "3"], capture_output=True, text=True,
-                         env=env, cwd=ROOT, check=True).stdout.splitlines()
+    # prints the command line instead of launching 8 GPUs
+    env = fake_executable(tmp_path, "torchrun")
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_math.sh"), "--seed", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    ).stdout.splitlines()
     assert out[:2] == ["--nproc_per_node=8", "prime.py"]
-    (args,) = HfArgumentParser(prime.Args).parse_args_into_dataclasses(out[2:], return_remaining_strings=False)
-    expected = dict(rollout="vllm", prompts_per_step=256, samples_per_prompt=4, filter_low=0.2, filter_high=0.8,
-                    max_prompt_len=1024, max_response_len=3072, temperature=1.0, top_p=1.0, lr=5e-7,
-                    weight_decay=0.01, grad_clip=1.0, prm_lr=1e-6, prm_weight_decay=0.0, prm_grad_clip=10.0,
-                    beta=0.05, prm_update="after", reference="sft", granularity="token", reward_norm="batch_norm",
-                    rloo_variant="official", whiten=True, gamma=1.0, clip_eps=0.2, ppo_epochs=1,
-                    mini_batch_size=256, kl_coef=0.0, gradient_checkpointing=True, vllm_sleep=True, entropy_coef=0.0, eval_every=16, save_every=16, eval_samples=16,
-                    eval_temperature=0.3, eval_top_p=0.95, seed=3)
+    args, _ = cli.parse(prime.Args, out[2:])
+    expected = dict(
+        rollout="vllm",
+        prompts_per_step=256,
+        samples_per_prompt=4,
+        filter_low=0.2,
+        filter_high=0.8,
+        max_prompt_len=1024,
+        max_response_len=3072,
+        temperature=1.0,
+        top_p=1.0,
+        lr=5e-7,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        prm_lr=1e-6,
+        prm_weight_decay=0.0,
+        prm_grad_clip=10.0,
+        beta=0.05,
+        prm_update="after",
+        reference="sft",
+        granularity="token",
+        reward_norm="batch_norm",
+        rloo_variant="official",
+        whiten=True,
+        gamma=1.0,
+        clip_eps=0.2,
+        ppo_epochs=1,
+        mini_batch_size=256,
+        kl_coef=0.0,
+        gradient_checkpointing=True,
+        vllm_sleep=True,
+        entropy_coef=0.0,
+        eval_every=16,
+        save_every=16,
+        eval_samples=16,
+        eval_temperature=0.3,
+        eval_top_p=0.95,
+        seed=3,
+    )
     assert {k: getattr(args, k) for k in expected} == expected
 
 
 def test_run_math_sh_launches_on_several_nodes_with_torchruns_rendezvous(tmp_path):
-    fake = tmp_path / "torchrun"
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", NNODES="2", NODE_RANK="1", MASTER="host0")
-    out = subprocess.run(["bash", os.path.join(ROOT, "run_math.sh")], capture_output=True, text=True, env=env, cwd=ROOT,
-                         check=True).stdout.splitlines()
-    assert out[:12] == ["--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "host0:29500",
-                        "--rdzv-id", "prime", "--nproc_per_node=8", "prime.py"]
+    env = dict(fake_executable(tmp_path, "torchrun"), NNODES="2", NODE_RANK="1", MASTER="host0")
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_math.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    ).stdout.splitlines()
+    assert out[:12] == [
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "host0:29500",
+        "--rdzv-id",
+        "prime",
+        "--nproc_per_node=8",
+        "prime.py",
+    ]
