@@ -6,15 +6,24 @@ prime.py (the algorithm):
 - `micro_batches`: length-sorted forward passes within a row and token budget, as many on
   every rank (under FSDP each forward is a collective);
 - `training_batch`: what prime.prime_step takes for a step's kept groups (`Groups`);
-- `response_logits`: a model's logits for the response tokens of a batch; with
-  `shared_prompt_logits` each distinct prompt is run once, its KV cache shared by the K
-  responses sampled from it (the prompt's compute divided by K).
+- `response_hidden`: a model's final hidden states for the response tokens of a batch; with
+  `shared_prompt_hidden` each distinct prompt is run once, its KV cache shared by the K
+  responses sampled from it (the prompt's compute divided by K);
+- `response_logprobs` / `response_logprobs_and_entropy`: the LM head on them, a chunk of tokens
+  at a time at scale (no [B, R, vocab] logits), as prime.token_logprobs computes log pi.
 """
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import data
+
+# The most logits ([tokens, vocab] elements) the LM head materialises at once: 2^26, 256 MB in
+# fp32. A batch under it gets its logits whole (the fastest on small vocabularies); above it,
+# chunks of tokens of this size, so memory grows with R * hidden size, not R * vocabulary.
+LOGITS_BUDGET = 2**26
 
 
 def left_pad(seqs, pad_id):
@@ -105,51 +114,137 @@ def training_batch(groups, tokenizer, args, pad_id, device, with_truth=True):
     return batch, engine_logp, step_ends, truth
 
 
-def response_logits(model, input_ids, attention_mask, response_len, share_prompts=False):
-    """The logits [B, R, vocab] that predict the last R = `response_len` tokens of input_ids
-    [B, P+R]: the token at position p is predicted by the logits at p-1. Prompts are
-    left-padded, so position ids come from the attention mask (pitfall: otherwise every padded
-    prompt is shifted). share_prompts: each distinct prompt run once (shared_prompt_logits)."""
+def response_hidden(model, input_ids, attention_mask, response_len, share_prompts=False):
+    """The final hidden states [B, R, H] (after the last norm, what the LM head takes) that
+    predict the last R = `response_len` tokens of input_ids [B, P+R]: the token at position p is
+    predicted at p-1. Prompts are left-padded, so position ids come from the attention mask
+    (pitfall: otherwise every padded prompt is shifted). No logits: the caller applies the head,
+    a chunk at a time where they are large. share_prompts: each distinct prompt run once."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     # the same choice on every rank: FSDP's collectives need as many forwards on each
     if share_prompts and not model.is_activation_checkpointing:
-        return shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
+        return shared_prompt_hidden(model, input_ids, attention_mask, position_ids, response_len)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False).last_hidden_state
+    return hidden[:, -response_len - 1:-1]
 
 
 def shared_prompt_cache(model, ids, attn):
-    """(KV cache, logits of the last position [B, 1, vocab]) of left-padded prompts ids [B, P]
-    with each distinct prompt (its ids and padding) computed once and indexed out to its rows;
-    the index is differentiable (its backward sums the rows' gradients into their one prompt).
-    Used by the HF engine's prefill and by shared_prompt_logits in training."""
+    """(KV cache, final hidden state of the last position [B, 1, H]) of left-padded prompts ids
+    [B, P] with each distinct prompt (its ids and padding) computed once and indexed out to its
+    rows; the index is differentiable (its backward sums the rows' gradients into their one
+    prompt). Used by the HF engine's prefill and by shared_prompt_hidden in training."""
     from transformers import DynamicCache
     P, cache = ids.shape[1], DynamicCache(config=model.config)
     distinct, inverse = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
     d_ids, d_attn = distinct[:, :P], distinct[:, P:]
-    last = model(input_ids=d_ids, attention_mask=d_attn,
-                 position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
-                 cache=cache, use_cache=True, logits_to_keep=1).logits
+    hidden = model.base_model(input_ids=d_ids, attention_mask=d_attn,
+                              position_ids=(d_attn.cumsum(-1) - 1).clamp(min=0),
+                              cache=cache, use_cache=True).last_hidden_state
     # index_select, not x[inverse] (DynamicCache.batch_select_indices): on CPU the backward of
     # advanced indexing (index_put_ with accumulate) sums rows in an order that varies with the
     # threads, run to run; index_select's backward (index_add_) sums them in a fixed order.
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, inverse)
         layer.values = layer.values.index_select(0, inverse)
-    return cache, last.index_select(0, inverse)
+    return cache, hidden[:, -1:].index_select(0, inverse)
 
 
-def shared_prompt_logits(model, input_ids, attention_mask, position_ids, response_len):
-    """The logits [B, R, vocab] that predict the last `response_len` tokens of input_ids
-    [B, P+R], with each distinct prompt run once: the responses that share it attend to its KV
-    cache. The same numbers up to float rounding. Not under gradient checkpointing: HF drops a
-    cache passed to a checkpointed layer.
+def shared_prompt_hidden(model, input_ids, attention_mask, position_ids, response_len):
+    """response_hidden with each distinct prompt run once: the responses that share it attend to
+    its KV cache. The same numbers up to float rounding. Not under gradient checkpointing: HF
+    drops a cache passed to a checkpointed layer.
     Two forwards whatever the shapes, as FSDP needs (as many on every rank): the prompts, whose
-    last position predicts the first response token, then every response token (the last one's
-    logits predict nothing). Both are in the loss's graph, so FSDP gathers each layer again for
+    last position predicts the first response token, then every response token (the last one
+    predicts nothing). Both are in the loss's graph, so FSDP gathers each layer again for
     backward."""
     P = input_ids.shape[1] - response_len
     cache, last = shared_prompt_cache(model, input_ids[:, :P], attention_mask[:, :P])
-    rest = model(input_ids=input_ids[:, P:], attention_mask=attention_mask,
-                 position_ids=position_ids[:, P:], cache=cache, use_cache=True).logits
+    rest = model.base_model(input_ids=input_ids[:, P:], attention_mask=attention_mask,
+                            position_ids=position_ids[:, P:], cache=cache,
+                            use_cache=True).last_hidden_state
     return torch.cat([last, rest[:, :-1]], 1)
+
+
+def response_logprobs(model, input_ids, attention_mask, response_len, temperatures,
+                      share_prompts=False):
+    """{T: log pi(y_t) [B, R] fp32 at temperature T} for the last `response_len` tokens: one
+    forward for every temperature. Under FSDP run it through distributed.as_forward (the head's
+    weight is the root module's)."""
+    hidden = response_hidden(model, input_ids, attention_mask, response_len, share_prompts)
+    targets = input_ids[:, -response_len:]
+    head = model.get_output_embeddings()
+    return {t: head_logprobs(hidden, head, targets, t) for t in sorted(temperatures, reverse=True)}
+
+
+def response_logprobs_and_entropy(model, input_ids, attention_mask, response_len, temperature,
+                                  share_prompts=False, entropy_grad=False):
+    """(log pi(y_t) [B, R], the entropy of pi [B, R]) at `temperature`, from one forward; the
+    entropy (a diagnostic) with grad only if entropy_grad (an entropy bonus in the loss)."""
+    hidden = response_hidden(model, input_ids, attention_mask, response_len, share_prompts)
+    head = model.get_output_embeddings()
+    logp = head_logprobs(hidden, head, input_ids[:, -response_len:], temperature)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = head_entropy(hidden, head, temperature)
+    return logp, entropy
+
+
+def head_logprobs(hidden, head, targets, temperature=1.0):
+    """log softmax(head(h) / T) at `targets`: hidden [B, R, H], the LM head (nn.Linear, weight
+    [V, H]), targets [B, R] -> [B, R] fp32. Within LOGITS_BUDGET: the logits whole. Above it,
+    torch's F.linear_cross_entropy (log pi = -CE), a chunk of tokens at a time, recomputing each
+    chunk's softmax in backward; h / T (and bias / T) gives the logits / T exactly."""
+    B, R, H = hidden.shape
+    V = head.weight.shape[0]
+    if B * R * V <= LOGITS_BUDGET:
+        return logprobs_from_logits(head(hidden), targets, temperature)
+    # explicit chunks: the "auto" choice sizes them by vocab / hidden, one token per chunk for
+    # a small hidden size (8x slower than the whole logits on a CPU)
+    options = torch.nn.LinearCrossEntropyOptions(
+        batch_chunk_size=max(1, LOGITS_BUDGET // V), chunking_method=None,
+        acc_policy="accurate", acc_dtype=torch.float32)  # fp32 softmax, as logprobs_from_logits
+    bias = None if head.bias is None else head.bias / temperature
+    ce = F.linear_cross_entropy((hidden / temperature).reshape(-1, H), head.weight,
+                                targets.reshape(-1), linear_bias=bias, reduction="none",
+                                options=options)
+    return -ce.float().view(B, R)
+
+
+def head_entropy(hidden, head, temperature=1.0):
+    """Entropy [B, R] of softmax(head(h) / T), fp32: the logits whole within LOGITS_BUDGET, else
+    a chunk of tokens at a time (by hand: torch has no chunked entropy), each chunk's logits
+    recomputed in backward when there is one."""
+    B, R, H = hidden.shape
+    V = head.weight.shape[0]
+    if B * R * V <= LOGITS_BUDGET:
+        return entropy_from_logits(head(hidden), temperature)
+    chunks = []
+    for chunk in hidden.reshape(1, -1, H).split(max(1, LOGITS_BUDGET // V), dim=1):
+        if torch.is_grad_enabled():
+            chunks.append(checkpoint(_chunk_entropy, chunk, head, temperature, use_reentrant=False))
+        else:
+            chunks.append(_chunk_entropy(chunk, head, temperature))
+    return torch.cat(chunks, 1).view(B, R)
+
+
+def _chunk_entropy(hidden, head, temperature):
+    return entropy_from_logits(head(hidden), temperature)
+
+
+def logprobs_from_logits(logits, targets, temperature=1.0):
+    """log softmax(logits / T) at `targets`: [B, R, vocab], [B, R] -> [B, R], in fp32 (bf16
+    rounding becomes noise in q), a row at a time (without grad, one fp32 row exists at once)."""
+    rows = []
+    for row_logits, row_targets in zip(logits, targets):
+        row = row_logits.float() / temperature
+        rows.append(row.gather(-1, row_targets[:, None]).squeeze(-1) - row.logsumexp(-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy [B, R] of softmax(logits / T) for logits [B, R, vocab], fp32, a row at a time."""
+    rows = []
+    for row_logits in logits:
+        row = row_logits.float() / temperature
+        rows.append(row.logsumexp(-1) - (row.softmax(-1) * row).sum(-1))
+    return torch.stack(rows)

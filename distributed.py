@@ -10,6 +10,7 @@ The math in prime.py takes `reduce(x, op)` for batch-wide statistics: `all_reduc
 the identity in one process, so results do not depend on the number of GPUs.
 """
 import os
+import types
 from typing import NamedTuple
 
 import torch
@@ -135,13 +136,36 @@ def shard(model, device, bf16=False):
     if not dist.is_initialized():
         return model.to(device)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if bf16 else MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=precision)
-    return fully_shard(model, mesh=mesh, mp_policy=precision)
+    model = fully_shard(model, mesh=mesh, mp_policy=precision)
+    # as_forward's entry: a forward method, so FSDP gathers the root's own parameters (the LM
+    # head, embeddings, last norm) around it and again for its backward
+    model.forward_with = types.MethodType(_forward_with, model)
+    register_fsdp_forward_method(model, "forward_with")
+    return model
+
+
+def _forward_with(model, fn, *args):
+    return fn(model, *args)
+
+
+def as_forward(model, fn, *args):
+    """fn(model, *args) as a forward of `model`: under FSDP2 the root module's own parameters are
+    gathered for it and for its backward, as for model.forward, so fn may use the LM head's
+    weight directly (outside a forward it is a shard, and a full_tensor() by hand would skip
+    FSDP's gradient reduction). One process: the call itself."""
+    if not hasattr(model, "forward_with"):  # not sharded
+        return fn(model, *args)
+    return model.forward_with(fn, *args)
 
 
 def all_reduce(x, op):

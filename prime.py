@@ -159,22 +159,13 @@ def masked_aggregate(x, mask, agg):
     raise ValueError(f"agg must be 'seq-mean-token-mean' or 'token-mean', got {agg!r}")
 
 
-def logprobs_from_logits(logits, targets, temperature=1.0):
-    """log softmax(logits / T) at `targets`: [B, R, vocab], [B, R] -> [B, R], in fp32 (bf16
-    rounding becomes noise in q), a row at a time (without grad, one fp32 row exists at once)."""
-    rows = []
-    for row_logits, row_targets in zip(logits, targets):
-        row = row_logits.float() / temperature
-        rows.append(row.gather(-1, row_targets[:, None]).squeeze(-1) - row.logsumexp(-1))
-    return torch.stack(rows)
-
-
 def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1.0,
                    share_prompts=False):
     """log pi(y_t | x, y_<t) of the last `response_len` tokens of input_ids [B, P+R] -> [B, R]
-    fp32, the logits divided by `temperature`: what Eq. 3 and Eq. 6 are made of."""
-    logits = batching.response_logits(model, input_ids, attention_mask, response_len, share_prompts)
-    return logprobs_from_logits(logits, input_ids[:, -response_len:], temperature)
+    fp32, the logits divided by `temperature`: what Eq. 3 and Eq. 6 are made of. Never all
+    [B, R, vocab] logits at once at scale: the LM head runs a chunk of tokens at a time."""
+    return distributed.as_forward(model, batching.response_logprobs, input_ids, attention_mask,
+                                  response_len, (temperature,), share_prompts)[temperature]
 
 
 def implicit_rewards(prm_logp, ref_logp, mask):
@@ -345,15 +336,6 @@ def process_coef(args, trust, accuracy, smoothing=0.9):
     return args.process_reward_coef * min(max(2 * trust - 1, 0.0), 1.0), trust
 
 
-def entropy_from_logits(logits, temperature=1.0):
-    """Entropy [B, R] of softmax(logits / T) for logits [B, R, vocab], fp32, a row at a time."""
-    rows = []
-    for row_logits in logits:
-        row = row_logits.float() / temperature
-        rows.append(row.logsumexp(-1) - (row.softmax(-1) * row).sum(-1))
-    return torch.stack(rows)
-
-
 @torch.no_grad()
 def ppo_stats(logp, old_logp, mask, clip_eps):
     """How far the policy moved in a PPO update: the fraction of tokens whose ratio was clipped,
@@ -456,9 +438,9 @@ def batched_logprobs(model, batch, args, temperatures):
     out = {t: torch.zeros_like(mask) for t in temperatures}
     for idx, ids, attn, r in batching.micro_batches(args, batch, torch.arange(len(mask)),
                                                     all_reduce):
-        logits = batching.response_logits(model, ids, attn, r, args.share_prompts)
-        for t in sorted(temperatures, reverse=True):
-            logp = logprobs_from_logits(logits, ids[:, -r:], t)
+        logps = distributed.as_forward(model, batching.response_logprobs, ids, attn, r,
+                                       temperatures, args.share_prompts)
+        for t, logp in logps.items():
             out[t][idx] = padded(logp, mask.shape[1]) * mask[idx]
     return out
 
@@ -513,11 +495,11 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
             mb_tokens, mb_loss = all_reduce(mask[rows].sum(), "sum") / world, 0.0
             for idx, ids, attn, r in batching.micro_batches(args, batch, rows, all_reduce):
                 m = mask[idx]
-                logits = batching.response_logits(policy, ids, attn, r, args.share_prompts)
-                logp = padded(logprobs_from_logits(logits, ids[:, -r:], args.temperature), R)
                 # the entropy is a diagnostic, with grad only when its bonus is in the loss
-                with torch.set_grad_enabled(args.entropy_coef > 0):
-                    entropy = padded(entropy_from_logits(logits, args.temperature), R)
+                logp, entropy = distributed.as_forward(
+                    policy, batching.response_logprobs_and_entropy, ids, attn, r,
+                    args.temperature, args.share_prompts, args.entropy_coef > 0)
+                logp, entropy = padded(logp, R), padded(entropy, R)
                 if on_policy:
                     old_logp[idx] = logp.detach() * m
                 weights = None if engine_logp is None or args.tis_cap <= 0 else \

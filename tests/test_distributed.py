@@ -137,6 +137,24 @@ def bf16_steps(model_dir, rank, world):
     }
 
 
+def chunked_head(model_dir):
+    """Log-probs with the LM head a chunk of 3 tokens at a time, and their full gradients by
+    name, on the fixed batch (all of it on every rank, so FSDP's averaged gradients are the
+    one-process ones), with and without shared prompts, through FSDP2's sharded weights."""
+    model = distributed.load_model(model_dir, torch.device("cpu"))
+    batching.LOGITS_BUDGET = 3 * model.config.vocab_size
+    prompts, responses, _ = fixed_batch()
+    ids, attn, mask = batching.collate(prompts, responses, 0)
+    out = {}
+    for share in (False, True):
+        logp = prime.token_logprobs(model, ids, attn, mask.shape[1], 0.7, share_prompts=share)
+        (logp * mask).sum().backward()
+        full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        out[share] = {"logp": (logp * mask).detach(), "grads": full}
+        model.zero_grad(set_to_none=True)
+    return out
+
+
 def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -159,6 +177,8 @@ def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
                 model_dir, prm_dir, rank, world, "token-mean", micro_batch_size=4
             )
             torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
+        elif job == "chunked":
+            torch.save(chunked_head(model_dir), os.path.join(out_dir, f"rank{rank}.pt"))
         elif job == "bf16":
             torch.save(bf16_steps(model_dir, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the whole trainer for two steps, with a checkpoint
@@ -441,3 +461,38 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
         changes.append(weights(policy) - before)
     assert changes[0].abs().max() > 1e-3
     torch.testing.assert_close(changes[1], changes[0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_head_under_fsdp2(tied, tiny_model_dir, tmp_path):
+    """The LM head's weight is a shard outside a forward: token_logprobs runs as a forward
+    method of the root (register_fsdp_forward_method), for a tied head (the embedded model's)
+    and an untied one. Log-probs and gradients equal one process's whole logits."""
+    model_dir = tiny_model_dir
+    if not tied:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.config.tie_word_embeddings = False
+        untied = AutoModelForCausalLM.from_config(model.config)
+        untied.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            untied.lm_head.weight.copy_(model.lm_head.weight + 0.01)
+        model_dir = str(tmp_path / "untied")
+        untied.save_pretrained(model_dir)
+    spawn("chunked", model_dir, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.tie_word_embeddings == tied
+    prompts, responses, _ = fixed_batch()
+    ids, attn, mask = batching.collate(prompts, responses, 0)
+    R = mask.shape[1]
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
+    whole = (logits[:, -R - 1 : -1].float() / 0.7).log_softmax(-1)
+    whole = whole.gather(-1, ids[:, -R:, None]).squeeze(-1) * mask
+    whole.sum().backward()
+    for share in (False, True):
+        for rank in ranks:
+            torch.testing.assert_close(rank[share]["logp"], whole.detach(), atol=1e-5, rtol=1e-5)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(rank[share]["grads"][name], p.grad, atol=1e-5, rtol=1e-4)

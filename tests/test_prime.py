@@ -80,20 +80,6 @@ def test_token_logprobs_left_padded_matches_unpadded(lm, temperature):
         assert_close(logp[i, : len(r)], expected)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_and_entropy_from_logits_slow_loop(temperature):
-    logits = torch.randn(2, 3, 5).to(torch.bfloat16)  # bf16 in, fp32 out
-    targets = torch.randint(0, 5, (2, 3))
-    logp = prime.logprobs_from_logits(logits, targets, temperature)
-    entropy = prime.entropy_from_logits(logits, temperature)
-    assert logp.dtype == entropy.dtype == torch.float32
-    for b in range(2):
-        for t in range(3):
-            p = torch.softmax(logits[b, t].float() / temperature, -1).tolist()
-            assert logp[b, t].item() == pytest.approx(math.log(p[targets[b, t]]), abs=1e-5)
-            assert entropy[b, t].item() == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------
 def test_implicit_rewards_hand_worked():
     prm = torch.tensor([[-1.0, -2.0, -3.0]])
@@ -685,10 +671,12 @@ POLICY_SWITCHES = {
 def policy_gradient(policy, objective, adv, ref_logp):
     """(objective's value, its gradient) at `policy` (a copy is differentiated)."""
     model = copy.deepcopy(policy)
-    logits = batching.response_logits(model, IDS, ATTN, R)
+    logp, entropy = batching.response_logprobs_and_entropy(
+        model, IDS, ATTN, R, T, entropy_grad=True
+    )
     o = SimpleNamespace(
-        logp=prime.logprobs_from_logits(logits, IDS[:, -R:], T),
-        entropy=prime.entropy_from_logits(logits, T),
+        logp=logp,
+        entropy=entropy,
         adv=adv,
         ref_logp=ref_logp,
     )
@@ -928,13 +916,13 @@ def test_share_prompts_reaches_every_forward_of_a_step(tiny_model_dir, tmp_path,
     # K = 2 per forward; no batch_norm, which would scale q's float noise up to O(1)
     settings = dict(micro_batch_size=6, steps=1, reward_norm="none")
     plain = run_prime(tiny_model_dir, tmp_path / "plain", share_prompts=False, **settings)
-    calls, shared_logits = [], batching.shared_prompt_logits
+    calls, shared_hidden = [], batching.shared_prompt_hidden
 
     def counted(model, *a):
         calls.append(model)
-        return shared_logits(model, *a)
+        return shared_hidden(model, *a)
 
-    monkeypatch.setattr(batching, "shared_prompt_logits", counted)
+    monkeypatch.setattr(batching, "shared_prompt_hidden", counted)
     prefills, prefill = [], rollout.HFRollout.shared_prefill
 
     def recorded(*a):

@@ -286,7 +286,7 @@ def test_shared_prefill_samples_what_one_prefill_per_row_samples(tiny_model_dir)
             AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, 8, share_prompts=share
         )
         seen = shapes[share] = []  # the input shape of each forward
-        engine.model.register_forward_pre_hook(
+        engine.model.base_model.register_forward_pre_hook(  # the prefill runs the decoder
             lambda m, a, kw, seen=seen: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
         )
         torch.manual_seed(0)
