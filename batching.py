@@ -169,39 +169,58 @@ def shared_prompt_hidden(model, input_ids, attention_mask, position_ids, respons
 def response_logprobs(model, input_ids, attention_mask, response_len, temperatures,
                       share_prompts=False):
     """{T: log pi(y_t) [B, R] fp32 at temperature T} for the last `response_len` tokens: one
-    forward for every temperature. Under FSDP run it through distributed.as_forward (the head's
-    weight is the root module's)."""
+    forward (and within LOGITS_BUDGET one head matmul) for every temperature. Under FSDP run it
+    through distributed.as_forward (the head's weight is the root module's)."""
     hidden = response_hidden(model, input_ids, attention_mask, response_len, share_prompts)
-    targets = input_ids[:, -response_len:]
-    head = model.get_output_embeddings()
-    return {t: head_logprobs(hidden, head, targets, t) for t in sorted(temperatures, reverse=True)}
+    targets, head = input_ids[:, -response_len:], model.get_output_embeddings()
+    temperatures = sorted(temperatures, reverse=True)
+    if whole_logits_fit(hidden, head):
+        logits = head(hidden)
+        return {t: logprobs_from_logits(logits, targets, t) for t in temperatures}
+    return {t: head_logprobs(hidden, head, targets, t) for t in temperatures}
 
 
 def response_logprobs_and_entropy(model, input_ids, attention_mask, response_len, temperature,
                                   share_prompts=False, entropy_grad=False):
-    """(log pi(y_t) [B, R], the entropy of pi [B, R]) at `temperature`, from one forward; the
-    entropy (a diagnostic) with grad only if entropy_grad (an entropy bonus in the loss)."""
+    """(log pi(y_t) [B, R], the entropy of pi [B, R]) at `temperature`, from one forward (and
+    within LOGITS_BUDGET one head matmul); the entropy (a diagnostic) with grad only if
+    entropy_grad (an entropy bonus in the loss)."""
     hidden = response_hidden(model, input_ids, attention_mask, response_len, share_prompts)
-    head = model.get_output_embeddings()
-    logp = head_logprobs(hidden, head, input_ids[:, -response_len:], temperature)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+    targets, head = input_ids[:, -response_len:], model.get_output_embeddings()
+    entropy_grad = entropy_grad and torch.is_grad_enabled()
+    if whole_logits_fit(hidden, head):
+        logits = head(hidden)
+        logp = logprobs_from_logits(logits, targets, temperature)
+        with torch.set_grad_enabled(entropy_grad):
+            entropy = entropy_from_logits(logits, temperature)
+        return logp, entropy
+    logp = head_logprobs(hidden, head, targets, temperature)
+    with torch.set_grad_enabled(entropy_grad):
         entropy = head_entropy(hidden, head, temperature)
     return logp, entropy
 
 
+def whole_logits_fit(hidden, head):
+    """Do the logits of hidden [B, R, H] fit LOGITS_BUDGET? Then they are made whole (the
+    fastest on small vocabularies), else a chunk of tokens at a time."""
+    return hidden.shape[0] * hidden.shape[1] * head.weight.shape[0] <= LOGITS_BUDGET
+
+
+def chunk_tokens(head):
+    """Tokens per chunk of the LM head: LOGITS_BUDGET logits."""
+    return max(1, LOGITS_BUDGET // head.weight.shape[0])
+
+
 def head_logprobs(hidden, head, targets, temperature=1.0):
-    """log softmax(head(h) / T) at `targets`: hidden [B, R, H], the LM head (nn.Linear, weight
-    [V, H]), targets [B, R] -> [B, R] fp32. Within LOGITS_BUDGET: the logits whole. Above it,
-    torch's F.linear_cross_entropy (log pi = -CE), a chunk of tokens at a time, recomputing each
-    chunk's softmax in backward; h / T (and bias / T) gives the logits / T exactly."""
+    """log softmax(head(h) / T) at `targets`, never the whole logits: hidden [B, R, H], the LM
+    head (nn.Linear, weight [V, H]), targets [B, R] -> [B, R] fp32. torch's
+    F.linear_cross_entropy (log pi = -CE), a chunk of tokens at a time, recomputing each chunk's
+    softmax in backward; h / T (and bias / T) gives the logits / T exactly."""
     B, R, H = hidden.shape
-    V = head.weight.shape[0]
-    if B * R * V <= LOGITS_BUDGET:
-        return logprobs_from_logits(head(hidden), targets, temperature)
     # explicit chunks: the "auto" choice sizes them by vocab / hidden, one token per chunk for
     # a small hidden size (8x slower than the whole logits on a CPU)
     options = torch.nn.LinearCrossEntropyOptions(
-        batch_chunk_size=max(1, LOGITS_BUDGET // V), chunking_method=None,
+        batch_chunk_size=chunk_tokens(head), chunking_method=None,
         acc_policy="accurate", acc_dtype=torch.float32)  # fp32 softmax, as logprobs_from_logits
     bias = None if head.bias is None else head.bias / temperature
     ce = F.linear_cross_entropy((hidden / temperature).reshape(-1, H), head.weight,
@@ -211,15 +230,11 @@ def head_logprobs(hidden, head, targets, temperature=1.0):
 
 
 def head_entropy(hidden, head, temperature=1.0):
-    """Entropy [B, R] of softmax(head(h) / T), fp32: the logits whole within LOGITS_BUDGET, else
-    a chunk of tokens at a time (by hand: torch has no chunked entropy), each chunk's logits
-    recomputed in backward when there is one."""
+    """Entropy [B, R] of softmax(head(h) / T), fp32, a chunk of tokens at a time (by hand: torch
+    has no chunked entropy), each chunk's logits recomputed in backward when there is one."""
     B, R, H = hidden.shape
-    V = head.weight.shape[0]
-    if B * R * V <= LOGITS_BUDGET:
-        return entropy_from_logits(head(hidden), temperature)
     chunks = []
-    for chunk in hidden.reshape(1, -1, H).split(max(1, LOGITS_BUDGET // V), dim=1):
+    for chunk in hidden.reshape(1, -1, H).split(chunk_tokens(head), dim=1):
         if torch.is_grad_enabled():
             chunks.append(checkpoint(_chunk_entropy, chunk, head, temperature, use_reentrant=False))
         else:

@@ -4,6 +4,7 @@ flags."""
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -114,6 +115,14 @@ def fake_executable(folder, name):
     path.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
     path.chmod(0o755)
     return dict(os.environ, PATH=f"{folder}:{os.environ['PATH']}")
+
+
+def printed_command(script, *args, env):
+    """The lines that `bash script args` prints, run from the repository root with `env` (a
+    fake_executable's, so the launch it makes prints its arguments instead)."""
+    out = subprocess.run(["bash", os.path.join(ROOT, script), *args], capture_output=True,
+                         text=True, env=env, cwd=ROOT, check=True)
+    return out.stdout.splitlines()
 
 
 def parity_scores(responses, truths, abilities, **kw):

@@ -1,9 +1,7 @@
 """run_math.sh: every flag it passes exists in prime.Args and carries the paper's value."""
 
-import os
-import subprocess
 
-from conftest import ROOT, fake_executable
+from conftest import fake_executable, printed_command
 
 import cli
 import prime
@@ -12,14 +10,7 @@ import prime
 def test_run_math_sh_flags_parse_to_the_papers_recipe(tmp_path):
     # prints the command line instead of launching 8 GPUs
     env = fake_executable(tmp_path, "torchrun")
-    out = subprocess.run(
-        ["bash", os.path.join(ROOT, "run_math.sh"), "--seed", "3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=True,
-    ).stdout.splitlines()
+    out = printed_command("run_math.sh", "--seed", "3", env=env)
     assert out[:2] == ["--nproc_per_node=8", "prime.py"]
     args, _ = cli.parse(prime.Args, out[2:])
     expected = dict(
@@ -65,14 +56,7 @@ def test_run_math_sh_flags_parse_to_the_papers_recipe(tmp_path):
 
 def test_run_math_sh_launches_on_several_nodes_with_torchruns_rendezvous(tmp_path):
     env = dict(fake_executable(tmp_path, "torchrun"), NNODES="2", NODE_RANK="1", MASTER="host0")
-    out = subprocess.run(
-        ["bash", os.path.join(ROOT, "run_math.sh")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=True,
-    ).stdout.splitlines()
+    out = printed_command("run_math.sh", env=env)
     assert out[:12] == [
         "--nnodes",
         "2",

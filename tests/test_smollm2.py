@@ -5,11 +5,10 @@ written here, and the flags of run_smollm2.sh. The converter tests skip without 
 import json
 import os
 import re
-import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, fake_executable
+from conftest import fake_executable, printed_command
 
 import cli
 import data
@@ -270,14 +269,7 @@ def test_run_smollm2_sh_passes_flags_prime_accepts(tmp_path):
         (data_dir / f"{split}.jsonl").write_text("")
     # prints, no training
     env = dict(fake_executable(tmp_path, "python"), MODEL=str(model), DATA_DIR=str(data_dir))
-    out = subprocess.run(
-        ["bash", os.path.join(ROOT, "run_smollm2.sh"), "--steps", "3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=True,
-    ).stdout.splitlines()
+    out = printed_command("run_smollm2.sh", "--steps", "3", env=env)
     assert out[0] == "prime.py"
     args, _ = cli.parse(prime.Args, out[1:])
     assert (args.model, args.data, args.eval_data, args.steps) == (
