@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import data
+import vision
 
 # The most logits ([tokens, vocab] elements) the LM head materialises at once: 2^26, 256 MB in
 # fp32. A batch under it gets its logits whole (the fastest on small vocabularies); above it,
@@ -45,15 +46,17 @@ def collate(prompts, responses, pad_id):
 
 
 def micro_batches(args, batch, rows, reduce=None):
-    """Split rows `rows` [n] of a collated batch into forward passes, sorted by length: at most
-    --micro-batch-size rows each and, with --max-tokens-per-micro-batch, at most that many
-    tokens once padded (rows x (the longest prompt + the longest response)), so padding does not
-    dominate when lengths vary (verl's dynamic batch size). Yields (row indices, input_ids,
-    attention_mask, r): the columns that are padding in every row are cut away; r is the
-    response width kept. With `reduce` (an all-reduce) every rank makes as many passes as the
-    rank that needs most: under FSDP each forward is a collective."""
+    """Split rows `rows` [n] of a batch (training_batch's) into forward passes, sorted by
+    length: at most --micro-batch-size rows each and, with --max-tokens-per-micro-batch, at most
+    that many tokens once padded (rows x (the longest prompt + the longest response)), so
+    padding does not dominate when lengths vary (verl's dynamic batch size). Yields (row
+    indices, model inputs: input_ids, attention_mask and the rows' image tensors if any, r): the
+    columns that are padding in every row are cut away; r is the response width kept. With
+    `reduce` (an all-reduce) every rank makes as many passes as the rank that needs most: under
+    FSDP each forward is a collective."""
     max_count, max_tokens = args.micro_batch_size, args.max_tokens_per_micro_batch
-    ids, attn, mask = batch
+    ids, attn, mask = batch[:3]
+    pixels = batch[3] if len(batch) > 3 else None  # per row (vision.ImageInputs.pixels)
     R = mask.shape[1]
     P = ids.shape[1] - R
     p_len = attn[:, :P].sum(-1).tolist()
@@ -77,7 +80,11 @@ def micro_batches(args, batch, rows, reduce=None):
         idx = torch.tensor(group, device=ids.device)
         p, r = max(p_len[j] for j in group), max(r_len[j] for j in group)
         cols = torch.cat([torch.arange(P - p, P), torch.arange(P, P + r)]).to(ids.device)
-        yield idx, ids[idx][:, cols], attn[idx][:, cols], r
+        inputs = {"input_ids": ids[idx][:, cols], "attention_mask": attn[idx][:, cols]}
+        images = vision.select(pixels, group) if pixels else None
+        if images:
+            inputs.update({key: t.to(ids.device) for key, t in images.items()})
+        yield idx, inputs, r
 
 
 def padded(x, R):
@@ -95,10 +102,15 @@ class Groups(NamedTuple):
 
 
 def training_batch(groups, tokenizer, args, pad_id, device, with_truth=True):
-    """(collated batch, engine log-probs [B, R] or None, --granularity step ends [B, R] or None,
-    the task's step truth or None) for a step's kept groups: what prime.prime_step takes. The
-    truth only with_truth: only a PRM's rewards are checked against it."""
+    """(batch, engine log-probs [B, R] or None, --granularity step ends [B, R] or None, the
+    task's step truth or None) for a step's kept groups: what prime.prime_step takes. The batch
+    is collate's (input_ids, attention_mask, response mask), and for a vision-language model
+    each row's image tensors (data.row_pixels). The truth only with_truth: only a PRM's rewards
+    are checked against it."""
     batch = tuple(t.to(device) for t in collate(groups.prompts, groups.responses, pad_id))
+    pixels = data.row_pixels(tokenizer, groups.rows)
+    if pixels is not None:
+        batch = (*batch, pixels)
     R = batch[2].shape[1]
     engine_logp = None
     if None not in groups.engine_logps:
@@ -114,18 +126,22 @@ def training_batch(groups, tokenizer, args, pad_id, device, with_truth=True):
     return batch, engine_logp, step_ends, truth
 
 
-def response_hidden(model, input_ids, attention_mask, response_len, share_prompts=False):
+def response_hidden(model, inputs, response_len, share_prompts=False):
     """The final hidden states [B, R, H] (after the last norm, what the LM head takes) that
-    predict the last R = `response_len` tokens of input_ids [B, P+R]: the token at position p is
-    predicted at p-1. Prompts are left-padded, so position ids come from the attention mask
-    (pitfall: otherwise every padded prompt is shifted). No logits: the caller applies the head,
-    a chunk at a time where they are large. share_prompts: each distinct prompt run once."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    predict the last R = `response_len` tokens of inputs' input_ids [B, P+R]: the token at
+    position p is predicted at p-1. Prompts are left-padded, so position ids come from the
+    attention mask (pitfall: otherwise every padded prompt is shifted; vision.forward_inputs).
+    No logits: the caller applies the head, a chunk at a time where they are large.
+    share_prompts: each distinct prompt run once (text models: a prompt's ids are not all of it
+    when it has images)."""
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
+    pixels = {key: t for key, t in inputs.items() if key not in ("input_ids", "attention_mask")}
+    inputs = vision.forward_inputs(model.config, ids, attn, pixels)
     # the same choice on every rank: FSDP's collectives need as many forwards on each
-    if share_prompts and not model.is_activation_checkpointing:
-        return shared_prompt_hidden(model, input_ids, attention_mask, position_ids, response_len)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, use_cache=False).last_hidden_state
+    if share_prompts and not model.is_activation_checkpointing and \
+            not vision.is_multimodal(model.config):
+        return shared_prompt_hidden(model, ids, attn, inputs["position_ids"], response_len)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
     return hidden[:, -response_len - 1:-1]
 
 
@@ -166,13 +182,14 @@ def shared_prompt_hidden(model, input_ids, attention_mask, position_ids, respons
     return torch.cat([last, rest[:, :-1]], 1)
 
 
-def response_logprobs(model, input_ids, attention_mask, response_len, temperatures,
-                      share_prompts=False):
-    """{T: log pi(y_t) [B, R] fp32 at temperature T} for the last `response_len` tokens: one
-    forward (and within LOGITS_BUDGET one head matmul) for every temperature. Under FSDP run it
-    through distributed.as_forward (the head's weight is the root module's)."""
-    hidden = response_hidden(model, input_ids, attention_mask, response_len, share_prompts)
-    targets, head = input_ids[:, -response_len:], model.get_output_embeddings()
+def response_logprobs(model, inputs, response_len, temperatures, share_prompts=False):
+    """{T: log pi(y_t) [B, R] fp32 at temperature T} for the last `response_len` tokens of
+    inputs (micro_batches'): one forward (and within LOGITS_BUDGET one head matmul) for every
+    temperature. Under FSDP run it through distributed.as_forward (the head's weight is the root
+    module's)."""
+    hidden = response_hidden(model, inputs, response_len, share_prompts)
+    targets = inputs["input_ids"][:, -response_len:]
+    head = model.get_output_embeddings()
     temperatures = sorted(temperatures, reverse=True)
     if whole_logits_fit(hidden, head):
         logits = head(hidden)
@@ -180,13 +197,14 @@ def response_logprobs(model, input_ids, attention_mask, response_len, temperatur
     return {t: head_logprobs(hidden, head, targets, t) for t in temperatures}
 
 
-def response_logprobs_and_entropy(model, input_ids, attention_mask, response_len, temperature,
-                                  share_prompts=False, entropy_grad=False):
+def response_logprobs_and_entropy(model, inputs, response_len, temperature, share_prompts=False,
+                                  entropy_grad=False):
     """(log pi(y_t) [B, R], the entropy of pi [B, R]) at `temperature`, from one forward (and
     within LOGITS_BUDGET one head matmul); the entropy (a diagnostic) with grad only if
     entropy_grad (an entropy bonus in the loss)."""
-    hidden = response_hidden(model, input_ids, attention_mask, response_len, share_prompts)
-    targets, head = input_ids[:, -response_len:], model.get_output_embeddings()
+    hidden = response_hidden(model, inputs, response_len, share_prompts)
+    targets = inputs["input_ids"][:, -response_len:]
+    head = model.get_output_embeddings()
     entropy_grad = entropy_grad and torch.is_grad_enabled()
     if whole_logits_fit(hidden, head):
         logits = head(hidden)

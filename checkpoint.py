@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 import distributed
+import vision
 
 RUN_FILES = ("args.json", "metrics.jsonl", "samples.jsonl", "eval.json", "eval.md")
 
@@ -177,10 +178,11 @@ def _truncate_jsonl(path, last_step):
         f.writelines(lines)
 
 
-def sample_records(step, tokenizer, batch, q, outcome, beta, n):
-    """The first n responses of a batch (with their prompt) and their per-token implicit rewards
-    beta*q_t, for samples.jsonl (bench/render_samples.py draws them). q: None without a PRM."""
-    ids, attn, mask = batch
+def sample_records(step, tokenizer, batch, q, outcome, beta, n, rows=None):
+    """The first n responses of a batch (with their prompt, and its images as base64 PNG if its
+    row has any) and their per-token implicit rewards beta*q_t, for samples.jsonl
+    (bench/render_samples.py draws them). q: None without a PRM."""
+    ids, attn, mask = batch[:3]
     R, records = mask.shape[1], []
     for i in range(min(n, len(ids))):
         length = int(mask[i].sum())
@@ -189,6 +191,8 @@ def sample_records(step, tokenizer, batch, q, outcome, beta, n):
                         "prompt": tokenizer.decode(ids[i, :-R][attn[i, :-R].bool()]),
                         "tokens": [tokenizer.decode([t]) for t in tokens],
                         "rewards": [] if q is None else (beta * q[i, :length]).tolist()})
+        if rows and rows[i].get("images"):
+            records[-1]["images"] = [vision.png_base64(im) for im in rows[i]["images"]]
     return records
 
 
@@ -278,6 +282,8 @@ def save(run_dir, trained, tokenizer, state):
     for name, (model, _) in trained.items():
         model.save_pretrained(os.path.join(tmp, name), state_dict=weights[name])
     tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+    if getattr(tokenizer, "image_inputs", None) is not None:  # a vision model: its processor
+        tokenizer.image_inputs.save(os.path.join(tmp, "policy"))
     torch.save({**trainer_state, "optimizers": opt_states}, os.path.join(tmp, "trainer_state.pt"))
     os.replace(tmp, final)
     for old in checkpoints(run_dir)[:-1]:

@@ -150,8 +150,9 @@ def lengths(args, context):
     """--max-response-len and --max-prompt-len where 0: what the task needs (1024 tokens each with
     --data, the worked solution's length on the built-in task) within the model's `context`; given
     ones that do not fit it together are refused."""
-    response = args.max_response_len or (1024 if args.data else
-                                         data.solution_tokens(args.task_digits))
+    response = args.max_response_len or (
+        1024 if args.data else data.IMAGE_SOLUTION_TOKENS if args.task == "image-addition" else
+        data.solution_tokens(args.task_digits))
     if not args.max_response_len and args.data and context:
         response = min(response, context // 2)  # the other half for the prompt
     where = (f"the model's {context} positions (max_position_embeddings in its config.json)"
@@ -211,6 +212,9 @@ def check(args):
          "--granularity step needs a --step-separator"),
         (not args.data and not 1 <= args.task_digits <= 12,
          "--task-digits must be between 1 and 12"),
+        (args.task != "addition" and (args.data or args.task_digits != 3),
+         f"--task {args.task} is a built-in task of two 2-digit numbers: it takes neither "
+         f"--data nor --task-digits"),
         (args.credit == "min" and args.gamma != 1,
          "--credit min takes no discount: leave --gamma at 1"),
         (args.rloo_variant != "official" and args.estimator != "rloo",

@@ -26,6 +26,7 @@ import torch
 
 import distributed
 import sandbox
+import vision
 
 ABILITIES = ("math", "code")
 
@@ -70,30 +71,64 @@ def addition_row(a: int, b: int, digits: int = 3) -> dict:
             "reward_model": {"ground_truth": str(a + b), "style": "rule"}}
 
 
-def first_wrong_step(row: dict, text: str) -> int | None:
-    """The task's step truth: for a built-in addition row, the index of the first step (separated
-    by STEP_SEPARATOR; the boxed answer is the last) where `text` departs from the worked
-    solution, or -1 if it does not; None for rows without step truth (any other data)."""
+def worked_steps(row: dict) -> list[str] | None:
+    """The steps of a built-in row's worked solution (the boxed answer last), or None for rows
+    without step truth (any other data)."""
+    source = row.get("data_source", "")
+    if source == IMAGE_TASK:
+        a, b = row["extra_info"]["a"], row["extra_info"]["b"]
+        return image_addition_solution(a, b).split(IMAGE_STEP_SEPARATOR)
     match = re.fullmatch(r"(\d+)\+(\d+)=", row["prompt"][-1]["content"])
-    if not row.get("data_source", "").startswith("embedded/addition") or match is None:
+    if not source.startswith("embedded/addition") or match is None:
         return None
     a, b = map(int, match.groups())
-    truth = addition_solution(a, b, len(match.group(1))).split(STEP_SEPARATOR)
-    steps = text.split(STEP_SEPARATOR)
+    return addition_solution(a, b, len(match.group(1))).split(STEP_SEPARATOR)
+
+
+def step_separator(row: dict) -> str:
+    return IMAGE_STEP_SEPARATOR if row.get("data_source") == IMAGE_TASK else STEP_SEPARATOR
+
+
+def first_wrong_step(row: dict, text: str) -> int | None:
+    """The task's step truth: for a built-in row, the index of the first step (the boxed answer
+    is the last) where `text` departs from the worked solution, or -1 if it does not; None for
+    rows without step truth (any other data)."""
+    truth = worked_steps(row)
+    if truth is None:
+        return None
+    steps = text.split(step_separator(row))
     first = next((i for i in range(max(len(truth), len(steps)))
                   if i >= len(truth) or i >= len(steps) or steps[i] != truth[i]), -1)
     return min(first, len(steps) - 1)  # a response that stops early went wrong in its last step
 
 
+# what kind of step went wrong first: none (right, or no step truth), reading the image, adding
+NO_ERROR, PERCEPTION, ARITHMETIC = 0, 1, 2
+
+
+def step_kind(row: dict, step: int | None) -> int:
+    """The kind of a row's step `step` (first_wrong_step's answer): the image task's first two
+    steps read the numbers off the image (PERCEPTION); every other step of a built-in task is
+    ARITHMETIC; NO_ERROR for -1 or None."""
+    if step is None or step < 0:
+        return NO_ERROR
+    return PERCEPTION if row.get("data_source") == IMAGE_TASK and step < 2 else ARITHMETIC
+
+
 def step_truth(tokenizer, rows, responses, width):
-    """(step ends [B, width], first wrong step [B], -1 where none) of `responses` (token-id lists)
-    to `rows`, steps split at STEP_SEPARATOR; None if no row has step truth."""
+    """(step ends [B, width], first wrong step [B] (-1 where none), its kind [B] (step_kind)) of
+    `responses` (token-id lists) to `rows`, steps split at the task's separator; None if no row
+    has step truth."""
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     first = [first_wrong_step(row, text) for row, text in zip(rows, texts)]
     if all(f is None for f in first):
         return None
-    return (step_end_mask(tokenizer, responses, STEP_SEPARATOR, width),
-            torch.tensor([-1 if f is None else f for f in first]))
+    ends = torch.zeros(len(rows), width)
+    for separator in {step_separator(row) for row in rows}:
+        which = [i for i, row in enumerate(rows) if step_separator(row) == separator]
+        ends[which] = step_end_mask(tokenizer, [responses[i] for i in which], separator, width)
+    return (ends, torch.tensor([-1 if f is None else f for f in first]),
+            torch.tensor([step_kind(row, f) for row, f in zip(rows, first)]))
 
 
 def random_pair(rng: random.Random, digits: int) -> tuple[int, int]:
@@ -149,6 +184,72 @@ class AdditionStream:
         return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# The built-in image task (--task image-addition): an image shows two 2-digit numbers; the worked
+# answer reads them off the image, then adds column by column:
+#     a=37;b=45;7+5=12;3+4+1=8;\boxed{82}
+# so each step is either PERCEPTION (the first two) or ARITHMETIC, and the first wrong step of any
+# response is known. Rendered with numpy (a 3x5 bitmap font, no image library needed): each digit
+# in a 12x12 cell of a 48x48 image (a 4x4 grid of 12-pixel patches), shifted, dimmed and noised at
+# random, so reading is learnt, not given.
+IMAGE_TASK, IMAGE_STEP_SEPARATOR, IMAGE_SIZE = "embedded/image-addition", ";", 48
+DIGIT_CELLS = [5, 6, 9, 10]  # the 12-pixel patches (row-major, 4 a row) of a's and b's digits
+IMAGE_SOLUTION_TOKENS = 48  # a worked answer (about 30 tokens) and its EOS, with room to err
+FONT = ["111101101101111", "010110010010111", "111001111100111", "111001111001111",
+        "101101111001001", "111100111001111", "111100111101111", "111001001001001",
+        "111101111101111", "111101111001111"]  # 0-9: 5 rows of 3 pixels
+
+
+def render_numbers(a: int, b: int, rng: random.Random):
+    """RGB uint8 [48, 48, 3]: a on the second row of cells, b on the third, right-aligned,
+    each glyph drawn 2x (6x10 pixels), the whole shifted by up to 2 pixels, with random
+    brightness and noise."""
+    import numpy as np
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
+    for row, number in ((1, a), (2, b)):
+        for col, digit in zip((1, 2), f"{number:02d}"):
+            glyph = np.array([int(p) for p in FONT[int(digit)]], np.float32).reshape(5, 3)
+            y, x = 12 * row + 1 + dy, 12 * col + 3 + dx
+            image[y:y + 10, x:x + 6] = np.kron(glyph, np.ones((2, 2))) * rng.uniform(0.5, 1.0)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 0.15, (IMAGE_SIZE,) * 2 + (3,))
+    return (np.clip(image[..., None] + noise, 0, 1) * 255).astype(np.uint8)
+
+
+def image_addition_solution(a: int, b: int) -> str:
+    """Read both numbers, then column addition (addition_solution's steps)."""
+    columns = addition_solution(a, b, 2).replace(STEP_SEPARATOR, IMAGE_STEP_SEPARATOR)
+    return f"a={a}{IMAGE_STEP_SEPARATOR}b={b}{IMAGE_STEP_SEPARATOR}{columns}"
+
+
+def image_addition_row(a: int, b: int, rng: random.Random) -> dict:
+    return {"data_source": IMAGE_TASK, "ability": "math",
+            "prompt": [{"role": "user", "content": f"{vision.MARKER}Add the two numbers."}],
+            "reward_model": {"ground_truth": str(a + b), "style": "rule"},
+            "images": [render_numbers(a, b, rng)], "extra_info": {"a": a, "b": b}}
+
+
+def image_addition_rows(n: int, seed: int, exclude: frozenset = frozenset()) -> list[dict]:
+    rng = random.Random(seed)
+    return [image_addition_row(a, b, rng) for a, b in addition_pairs(n, seed, exclude, 2)]
+
+
+class ImageAdditionStream(AdditionStream):
+    """AdditionStream's fresh problems (never a held-out pair), as image rows."""
+
+    def __init__(self, seed: int, eval_rows: list[dict]):
+        self.rng, self.digits = random.Random(seed), 2
+        self.exclude = {(r["extra_info"]["a"], r["extra_info"]["b"]) for r in eval_rows}
+
+    def take(self, n: int) -> list[dict]:
+        rows = []
+        while len(rows) < n:
+            a, b = random_pair(self.rng, 2)
+            if (a, b) not in self.exclude:
+                rows.append(image_addition_row(a, b, self.rng))
+        return rows
+
+
 class RowStream:
     """Training rows drawn from `files` (RowFile), reshuffled every epoch (seeded), checked as they
     are drawn, so start-up does not grow with the dataset: a bad row stops the run naming its
@@ -189,7 +290,7 @@ class RowStream:
             f = bisect.bisect_right(self.starts, i) - 1
             where, row = self.files[f].row(i - self.starts[f])
             try:
-                validate_row(row, where)
+                row = validate_row(row, where)
             except DataError as e:
                 if not self.skip_bad_rows:
                     raise DataError(f"{e} (--skip-bad-rows skips such rows)") from None
@@ -242,7 +343,24 @@ def validate_row(row, where: str) -> dict:
         fail("data_source", "must be a string")
     if not isinstance(row.get("extra_info") or {}, dict):
         fail("extra_info", "must be an object when present")
-    return row
+    images = row.get("images")
+    if images is None or (isinstance(images, list) and not images):
+        if any(vision.MARKER in m["content"] for m in prompt):
+            fail("prompt", f"has {vision.MARKER} markers but the row has no 'images'")
+        return row
+    if not isinstance(images, list):
+        fail("images", "must be a list of images (bytes, {'bytes': ...}, or paths)")
+    markers = sum(m["content"].count(vision.MARKER) for m in prompt)
+    if markers != len(images):
+        fail("images", f"has {len(images)} images for {markers} {vision.MARKER} markers in the "
+             f"prompt (one marker per image, in order)")
+    decoded = []
+    for i, image in enumerate(images):
+        try:
+            decoded.append(vision.decode(image, os.path.dirname(where.rsplit(":", 1)[0])))
+        except ValueError as e:
+            fail(f"images[{i}]", str(e))
+    return dict(row, images=decoded)  # decoded once, as RGB arrays
 
 
 def data_files(spec: str, split: str) -> list[str]:
@@ -365,7 +483,6 @@ def load_task(args, embedded_model):
     `embedded_model(cache_dir)` when --model is empty), so a bad file fails in seconds; training
     rows are checked as they are drawn (RowStream). Code rows need the sandbox, or
     --allow-unsandboxed-code."""
-    from transformers import AutoTokenizer
     train, evals = open_task("" if args.eval_only else args.data, args.eval_data,
                              args.skip_bad_rows)
     if has_code_rows(train, evals):
@@ -374,12 +491,23 @@ def load_task(args, embedded_model):
         except sandbox.SandboxUnavailable as e:
             raise DataError(str(e)) from None
     model_path = args.model or distributed.local_first(
-        lambda: embedded_model(os.path.expanduser(args.cache_dir), digits=args.task_digits))
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        lambda: embedded_model(os.path.expanduser(args.cache_dir), task=args.task,
+                               digits=args.task_digits))
+    tokenizer = load_tokenizer(model_path)
     verbose = distributed.rank() == 0
     return model_path, tokenizer, *task_streams(train, evals, tokenizer, args.seed,
                                                 args.max_prompt_len, args.skip_bad_rows,
-                                                args.eval_size, args.task_digits, verbose)
+                                                args.eval_size, args.task_digits, verbose,
+                                                args.task)
+
+
+def load_tokenizer(model_path):
+    """The model's tokenizer (left padding); a vision-language model's carries its image
+    processor and placeholders as `image_inputs` (vision.ImageInputs; None for a text model)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    tokenizer.image_inputs = vision.ImageInputs.load(model_path, tokenizer)
+    return tokenizer
 
 
 def open_task(train: str, evals: str, skip_bad_rows: bool = False):
@@ -395,15 +523,19 @@ def has_code_rows(train, evals) -> bool:
 
 
 def task_streams(train, evals, tokenizer, seed, max_prompt_len, skip_bad_rows, eval_size, digits=3,
-                 verbose=True):
+                 verbose=True, task="addition"):
     """(training stream, eval rows, counts for the step-0 metrics): RowStream over the training
-    files, or the built-in addition without them; the eval rows whose prompts fit, or the
+    files, or the built-in `task` without them; the eval rows whose prompts fit, or the
     built-in held-out problems."""
     counts = {}
     if evals:
         eval_rows, counts = drop_long_prompts(tokenizer, *evals, max_prompt_len, verbose)
+    elif task == "image-addition":
+        eval_rows = image_addition_rows(eval_size, EVAL_SEED)
     else:
         eval_rows = embedded_eval_rows(eval_size, digits)
+    if not train and task == "image-addition":
+        return ImageAdditionStream(seed, eval_rows), eval_rows, counts
     if not train:
         return AdditionStream(seed, eval_rows, digits), eval_rows, counts
     counts["data/train_rows"] = sum(map(len, train))
@@ -446,6 +578,29 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
 
 def prompt_token_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
     """Each row's prompt (see prompt_text) as token ids; the template carries any special
-    tokens."""
-    return [tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
-            for r in rows]
+    tokens. A row with images: each <image> marker becomes the model's image placeholder,
+    expanded to its image tokens (vision.ImageInputs, which a vision-language model's tokenizer
+    carries as `image_inputs`)."""
+    out = []
+    for r in rows:
+        text = prompt_text(tokenizer, r["prompt"])
+        if r.get("images"):
+            if getattr(tokenizer, "image_inputs", None) is None:
+                raise DataError("rows with images need a vision-language --model (LLaVA, "
+                                "Qwen2-VL/Qwen2.5-VL) or --task image-addition")
+            out.append(tokenizer.image_inputs.token_ids(tokenizer, text, r["images"]))
+        else:
+            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def row_pixels(tokenizer, rows: list[dict]) -> list:
+    """Each row's image tensors (vision.ImageInputs.pixels), or None for a row without images;
+    a row repeated (a group's K responses) is processed once. None for text-only models."""
+    if getattr(tokenizer, "image_inputs", None) is None:
+        return None
+    done = {}
+    for r in rows:
+        if id(r) not in done:
+            done[id(r)] = tokenizer.image_inputs.pixels(r["images"]) if r.get("images") else None
+    return [done[id(r)] for r in rows]

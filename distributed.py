@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+import vision
+
 
 def init():
     """(rank, world_size, device). Under torchrun (any number of processes, one included) joins the
@@ -117,9 +119,9 @@ def load_model(path, device, trained=True, checkpointing=False, bf16=False):
     weights (with --gradient-checkpointing, activations are recomputed in the backward pass); a
     frozen one is bf16 with --precision bf16, which is exactly what a trained copy computes with
     then (bf16 compute of the same weights: q = 0 where PRM and reference are equal), else fp32."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
     dtype = torch.bfloat16 if bf16 and not trained else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = vision.model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
     if trained and checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
@@ -128,7 +130,8 @@ def load_model(path, device, trained=True, checkpointing=False, bf16=False):
 
 
 def shard(model, device, bf16=False):
-    """FSDP2 under torchrun: `fully_shard` on every decoder layer, then the root. bf16 (--precision,
+    """FSDP2 under torchrun: `fully_shard` on every decoder layer (and a vision-language model's
+    vision blocks), then the root. bf16 (--precision,
     GPUs by default): bf16 forward/backward, fp32 master weights, gradient reduction and
     optimizer; else fp32 throughout (many CPUs lack fast bf16 kernels). Every model gets the
     same policy, so PRM and reference compute identically and q = 0 exactly where they are equal
@@ -144,7 +147,7 @@ def shard(model, device, bf16=False):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if bf16 else MixedPrecisionPolicy())
-    for layer in model.model.layers:
+    for layer in blocks(model):
         fully_shard(layer, mesh=mesh, mp_policy=precision)
     model = fully_shard(model, mesh=mesh, mp_policy=precision)
     # as_forward's entry: a forward method, so FSDP gathers the root's own parameters (the LM
@@ -152,6 +155,16 @@ def shard(model, device, bf16=False):
     model.forward_with = types.MethodType(_forward_with, model)
     register_fsdp_forward_method(model, "forward_with")
     return model
+
+
+def blocks(model) -> list:
+    """The transformer blocks to shard one by one: the text decoder's layers, and a
+    vision-language model's vision blocks (LLaVA's CLIP-style encoder, Qwen2-VL's `visual`)."""
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith(("layers", "visual.blocks")) and isinstance(module, torch.nn.ModuleList):
+            found += list(module)
+    return found
 
 
 def _forward_with(model, fn, *args):

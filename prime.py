@@ -43,6 +43,9 @@ class Args:
     data: str = arg("", "Eurus-2-style rows: .parquet/.jsonl files, folders, globs; '' = built-in")
     eval_data: str = arg("", "the same for eval (a folder: its validation* files); '' = built-in")
     eval_size: int = arg(500, "number of built-in held-out problems (ignored with --eval-data)")
+    task: str = arg("addition", "built-in task (no --data): N-digit addition, or two 2-digit "
+                    "numbers shown in an image (a tiny vision-language model)",
+                    choices=["addition", "image-addition"])
     task_digits: int = arg(3, "digits of the built-in addition (one worked step per column)")
     skip_bad_rows: bool = arg(False, "skip (and count) malformed rows instead of stopping")
     allow_unsandboxed_code: bool = arg(False, "run generated code unsandboxed (limits only)")
@@ -159,13 +162,13 @@ def masked_aggregate(x, mask, agg):
     raise ValueError(f"agg must be 'seq-mean-token-mean' or 'token-mean', got {agg!r}")
 
 
-def token_logprobs(model, input_ids, attention_mask, response_len, temperature=1.0,
-                   share_prompts=False):
-    """log pi(y_t | x, y_<t) of the last `response_len` tokens of input_ids [B, P+R] -> [B, R]
-    fp32, the logits divided by `temperature`: what Eq. 3 and Eq. 6 are made of. Never all
-    [B, R, vocab] logits at once at scale: the LM head runs a chunk of tokens at a time."""
-    return distributed.as_forward(model, batching.response_logprobs, input_ids, attention_mask,
-                                  response_len, (temperature,), share_prompts)[temperature]
+def token_logprobs(model, inputs, response_len, temperature=1.0, share_prompts=False):
+    """log pi(y_t | x, y_<t) of the last `response_len` tokens of inputs' input_ids [B, P+R]
+    (and the images x shows a vision-language model) -> [B, R] fp32, the logits divided by
+    `temperature`: what Eq. 3 and Eq. 6 are made of. Never all [B, R, vocab] logits at once at
+    scale: the LM head runs a chunk of tokens at a time."""
+    return distributed.as_forward(model, batching.response_logprobs, inputs, response_len,
+                                  (temperature,), share_prompts)[temperature]
 
 
 def implicit_rewards(prm_logp, ref_logp, mask):
@@ -396,7 +399,8 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
             prompts = [p for p in data.prompt_token_ids(tokenizer, rows) for _ in range(K)]
             rows = [row for row in rows for _ in range(K)]
             t_gen = time.time()
-            responses, engine_logps = engine.generate(prompts)
+            responses, engine_logps = engine.generate(prompts,
+                                                      images=[r.get("images") for r in rows])
             generate_seconds += time.time() - t_gen
             generated += sum(map(len, responses))
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -436,9 +440,9 @@ def batched_logprobs(model, batch, args, temperatures):
     """{temperature: [B, R] log-probs, 0 off-mask} of a whole batch: one forward, no grad."""
     mask = batch[2]
     out = {t: torch.zeros_like(mask) for t in temperatures}
-    for idx, ids, attn, r in batching.micro_batches(args, batch, torch.arange(len(mask)),
-                                                    all_reduce):
-        logps = distributed.as_forward(model, batching.response_logprobs, ids, attn, r,
+    for idx, inputs, r in batching.micro_batches(args, batch, torch.arange(len(mask)),
+                                                 all_reduce):
+        logps = distributed.as_forward(model, batching.response_logprobs, inputs, r,
                                        temperatures, args.share_prompts)
         for t, logp in logps.items():
             out[t][idx] = padded(logp, mask.shape[1]) * mask[idx]
@@ -459,8 +463,8 @@ def update_prm(prm, opt, batch, ref_logp, outcome, args):
     q, mini = torch.zeros_like(mask), args.mini_batch_size // distributed.world_size()
     for lo in range(0, B, mini):  # contiguous mini-batches, as the official code splits
         rows = torch.arange(lo, min(lo + mini, B), device=mask.device)
-        for idx, ids, attn, r in batching.micro_batches(args, batch, rows, all_reduce):
-            logp = token_logprobs(prm, ids, attn, r, share_prompts=args.share_prompts)
+        for idx, inputs, r in batching.micro_batches(args, batch, rows, all_reduce):
+            logp = token_logprobs(prm, inputs, r, share_prompts=args.share_prompts)
             q_mb = implicit_rewards(padded(logp, R), ref_logp[idx], mask[idx])
             loss = prm_ce_loss(q_mb, mask[idx], outcome[idx], args.beta)
             (loss * len(idx) / len(rows)).backward()  # mean over the mini-batch's sequences
@@ -493,11 +497,11 @@ def update_policy(policy, opt, batch, old_logp, ref_logp, advantages, args, gen,
             # tokens, as agg averages): accumulation gives exactly the mini-batch gradient. FSDP
             # averages gradients over ranks; token-mean's global token share is scaled back.
             mb_tokens, mb_loss = all_reduce(mask[rows].sum(), "sum") / world, 0.0
-            for idx, ids, attn, r in batching.micro_batches(args, batch, rows, all_reduce):
+            for idx, inputs, r in batching.micro_batches(args, batch, rows, all_reduce):
                 m = mask[idx]
                 # the entropy is a diagnostic, with grad only when its bonus is in the loss
                 logp, entropy = distributed.as_forward(
-                    policy, batching.response_logprobs_and_entropy, ids, attn, r,
+                    policy, batching.response_logprobs_and_entropy, inputs, r,
                     args.temperature, args.share_prompts, args.entropy_coef > 0)
                 logp, entropy = padded(logp, R), padded(entropy, R)
                 if on_policy:
@@ -563,8 +567,14 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
         # "before"
         metrics["prm/accuracy"] = pairwise_accuracy((q * mask).sum(-1), outcome, K, all_reduce)
         if truth is not None:  # does the PRM blame the first wrong step?
-            hit, chance = first_error_hit(q, mask, *truth, reduce=all_reduce)
+            ends, first_wrong, kind = truth
+            hit, chance = first_error_hit(q, mask, ends, first_wrong, reduce=all_reduce)
             metrics["prm/first_error_hit"], metrics["prm/first_error_chance"] = hit, chance
+            if args.task == "image-addition" and not args.data:  # reading it, or adding?
+                for name, k in (("perception", data.PERCEPTION), ("arithmetic", data.ARITHMETIC)):
+                    of_kind = torch.where(kind == k, first_wrong, -1)
+                    hit, _ = first_error_hit(q, mask, ends, of_kind, reduce=all_reduce)
+                    metrics[f"prm/first_error_hit_{name}"] = hit
         coef, state.prm_trust = process_coef(args, state.prm_trust, metrics["prm/accuracy"])
         metrics["prm/process_coef"] = coef
         r = coef * process_rewards(q, mask, beta=args.beta, granularity=args.granularity,
@@ -642,7 +652,8 @@ def main(args: Args, given=None):
                                                 step, log))
                 if groups.responses:
                     log.samples(checkpoint.sample_records(step, tokenizer, batch, q, outcome,
-                                                          args.beta, args.num_samples_logged))
+                                                          args.beta, args.num_samples_logged,
+                                                          groups.rows))
             metrics = distributed.merge_metrics(distributed.gather_objects(metrics))
             log.metrics(metrics)
             bar.set_postfix(reward=metrics["rollout/accuracy"], eval=state.evals[-1]["accuracy"],

@@ -1,11 +1,14 @@
 """Rollout engines behind one interface, and evaluation of the engine's policy.
 
-    engine.generate(prompts, greedy=False, temperature=None, top_p=None) -> (responses, logps)
+    engine.generate(prompts, greedy=False, temperature=None, top_p=None, images=None)
+        -> (responses, logps)
     engine.sleep()        # free what the engine holds while the trainer runs (vLLM's KV cache)
     engine.sync(policy)   # the trainer's new weights into the engine, after every update (wakes it)
 
 `responses` are token-id lists ending at (and including) the first EOS; `logps` the engine's
 own log-probs of the sampled tokens (None when greedy, or when the engine has none to give).
+`images`: a vision-language model's images, one list per prompt (its row's RGB arrays; the
+prompt's ids carry the expanded placeholders, data.prompt_token_ids).
 - `HFRollout`: an unsharded copy of the policy that samples with HF generate() (CPU, tests, GPU
   fallback). It keeps its own weights, refreshed by sync(), exactly as vLLM does, so CPU tests
   exercise the weight refresh that GPU runs depend on.
@@ -22,6 +25,7 @@ import checkpoint
 import data
 import distributed
 import sandbox
+import vision
 
 
 def full_weights(model):
@@ -57,6 +61,7 @@ class HFRollout:
                  share_prompts=False):
         from transformers import GenerationConfig
         self.model, self.device = model.eval().requires_grad_(False), model.device
+        self.image_inputs = getattr(tokenizer, "image_inputs", None)
         self.max_response_len, self.temperature, self.top_p = max_response_len, temperature, top_p
         self.share_prompts = share_prompts
         self.eos_ids, self.pad_id = stop_tokens(self.model.generation_config, tokenizer)
@@ -78,13 +83,17 @@ class HFRollout:
                                f"{sorted(set(params) - loaded)[:5]}")
 
     @torch.no_grad()
-    def generate(self, prompts, greedy=False, temperature=None, top_p=None):
+    def generate(self, prompts, greedy=False, temperature=None, top_p=None, images=None):
         """prompts: token-id lists -> (responses, the log-prob of each sampled token under the
         distribution it was drawn from, or None if greedy). temperature and top_p default to the
         training rollout's."""
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
         ids, attn = batching.left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
+        pixels = self.pixels(images)
+        inputs = vision.forward_inputs(self.model.config, ids, attn, pixels)
+        del inputs["input_ids"], inputs["attention_mask"]
+        inputs.pop("position_ids", None)  # generate() makes them from the mask, step by step
         temperature = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
         recorder, sampling = SampledLogprobs(), dict(do_sample=False)
@@ -95,16 +104,28 @@ class HFRollout:
                        + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
             sampling = dict(do_sample=True, top_k=0,  # HF's default top_k is 50
                             logits_processor=LogitsProcessorList(warpers + [recorder]))
-        cache = self.shared_prefill(ids, attn) if self.share_prompts else None
+        # a prompt's text is not all of it when it has images: no shared prefill then
+        cache = self.shared_prefill(ids, attn) if self.share_prompts and pixels is None else None
         out = self.model.generate(input_ids=ids, attention_mask=attn,
                                   max_new_tokens=self.max_response_len, pad_token_id=self.pad_id,
-                                  eos_token_id=self.eos_ids, cache=cache, **sampling)
+                                  eos_token_id=self.eos_ids, cache=cache, **inputs, **sampling)
         tokens = out[:, ids.shape[1]:]
         lengths = response_mask(tokens, self.eos_ids).sum(-1).long().tolist()
         responses = [r[:n].tolist() for r, n in zip(tokens, lengths)]
         if greedy:
             return responses, None
         return responses, [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
+
+    def pixels(self, images):
+        """The images' tensors for one generate() (vision.collate), each distinct list of images
+        (a group's K prompts share their row's) processed once; None without images."""
+        if not images or not any(images):
+            return None
+        done = {}
+        for im in images:
+            if im and id(im) not in done:
+                done[id(im)] = self.image_inputs.pixels(im)
+        return vision.collate([done[id(im)] if im else None for im in images])
 
     def shared_prefill(self, ids, attn):
         """The KV cache of every prompt [B, P] but its last token (shared_prompt_cache), as vLLM's
@@ -172,6 +193,7 @@ class VLLMRollout:
             generation_config = GenerationConfig.from_model_config(
                 AutoConfig.from_pretrained(model_path))
         self.eos_ids, self.pad_id = stop_tokens(generation_config, tokenizer)
+        self.image_inputs = getattr(tokenizer, "image_inputs", None)
 
     def sleep(self):
         """--vllm-sleep: free the KV cache (level 1 also offloads the weights) while the trainer
@@ -195,7 +217,7 @@ class VLLMRollout:
             self.asleep = False
         self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
 
-    def generate(self, prompts, greedy=False, temperature=None, top_p=None):
+    def generate(self, prompts, greedy=False, temperature=None, top_p=None, images=None):
         # explicit SamplingParams: vLLM reads a checkpoint's generation_config.json only for the
         # defaults it uses when none are given, so what is sampled is what prime's flags say
         params = self.SamplingParams(
@@ -204,13 +226,24 @@ class VLLMRollout:
             top_p=1.0 if greedy else self.args.top_p if top_p is None else top_p,
             max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0,
             detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+        outputs = self.llm.generate([self.prompt(p, im) for p, im in
+                                     zip(prompts, images or [None] * len(prompts))], params,
                                     use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outputs]
         logps = [[step[t].logprob
                   for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                  for o in outputs]
         return responses, (None if greedy else logps)
+
+
+    def prompt(self, ids, images):
+        """vLLM's prompt: the ids, and with images one placeholder per image (vLLM runs the image
+        processor and expands them itself) and the images as PIL images."""
+        if not images:
+            return {"prompt_token_ids": ids}
+        from PIL import Image
+        return {"prompt_token_ids": self.image_inputs.collapse(ids),
+                "multi_modal_data": {"image": [Image.fromarray(im) for im in images]}}
 
 
 def reload_weights(worker, weights):
@@ -240,9 +273,10 @@ def make_engine(args, model_path, tokenizer, device):
     --precision bf16: a frozen copy needs no fp32 master weights)."""
     if args.rollout == "vllm":
         return VLLMRollout(model_path, tokenizer, args)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    auto = vision.model_class(AutoConfig.from_pretrained(model_path))
+    model = auto.from_pretrained(model_path, dtype=dtype).to(device)
     return HFRollout(model, tokenizer, args.max_response_len, args.temperature, args.top_p,
                      args.share_prompts)
 
@@ -277,10 +311,12 @@ def evaluate(engine, tokenizer, rows, samples=1, temperature=0.0, top_p=1.0, bat
     rank, world = distributed.rank(), distributed.world_size()
     mine = [row for row in rows[rank::world] for _ in range(samples)]
     prompts, responses = data.prompt_token_ids(tokenizer, mine), []
+    images = [row.get("images") for row in mine]
     for i in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False,
                   disable=rank != 0 or not progress):
         responses += engine.generate(prompts[i:i + batch_size], greedy=temperature == 0,
-                                     temperature=temperature, top_p=top_p)[0]
+                                     temperature=temperature, top_p=top_p,
+                                     images=images[i:i + batch_size])[0]
     scores, _ = outcome_rewards(tokenizer.batch_decode(responses, skip_special_tokens=True), mine,
                                 allow_unsandboxed)
     problems = [(mine[i].get("data_source", ""), scores[i:i + samples].tolist())

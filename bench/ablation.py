@@ -88,7 +88,11 @@ def curve_rows(name, seed, metrics):
                      "eval_accuracy": m.get("eval/accuracy", ""),
                      "prm_accuracy": m.get("prm/accuracy", ""),
                      "first_error_hit": m.get("prm/first_error_hit", ""),
-                     "first_error_chance": m.get("prm/first_error_chance", "")})
+                     "first_error_chance": m.get("prm/first_error_chance", ""),
+                     # --task image-addition: over responses that first misread the image, or
+                     # first added wrong
+                     "first_error_hit_perception": m.get("prm/first_error_hit_perception", ""),
+                     "first_error_hit_arithmetic": m.get("prm/first_error_hit_arithmetic", "")})
     return rows
 
 
@@ -105,7 +109,9 @@ def summarize(rows, target, base="outcome-only"):
     table, reach_by = {}, {}
     for name in dict.fromkeys(r["config"] for r in rows):
         runs = {}
-        series = {key: {} for key in ("prm_accuracy", "first_error_hit", "first_error_chance")}
+        series = {key: {} for key in ("prm_accuracy", "first_error_hit", "first_error_chance",
+                                      "first_error_hit_perception",
+                                      "first_error_hit_arithmetic")}
         for r in (r for r in rows if r["config"] == name):
             if r["eval_accuracy"] != "":
                 runs.setdefault(r["seed"], []).append(r)
@@ -264,6 +270,17 @@ def main():
               f"| {reach} | {ratio} | {fmt(t['prm_accuracy_first'], '.2f')} / "
               f"{fmt(t['prm_accuracy_last'], '.2f')} "
               f"| {hit} |")
+    kinds = {name: t for name, t in table.items()
+             if t["first_error_hit_perception_last"] is not None}
+    if kinds:  # the image task: does the PRM blame misreading and mis-adding alike?
+        print("\n| configuration | first-error hit where reading went wrong first, first / last "
+              "10 steps | ... where adding went wrong first |")
+        print("|---|---:|---:|")
+        for name, t in kinds.items():
+            print(f"| {name} | {fmt(t['first_error_hit_perception_first'], '.2f')} / "
+                  f"{fmt(t['first_error_hit_perception_last'], '.2f')} "
+                  f"| {fmt(t['first_error_hit_arithmetic_first'], '.2f')} / "
+                  f"{fmt(t['first_error_hit_arithmetic_last'], '.2f')} |")
     kept = noise_kept(rows)
     if kept:
         print("\n| configuration | seeds | clean gain | gain with flipped labels "

@@ -66,6 +66,7 @@ def main():
     ids, attn, mask = batching.collate(prompts, engine.generate(prompts)[0], engine.pad_id)
     B, R = mask.shape
     P = ids.shape[1] - R
+    inputs = {"input_ids": ids, "attention_mask": attn}
 
     def fwd_bwd(logps):
         def run():
@@ -75,7 +76,7 @@ def main():
         return run
 
     def shared():
-        return prime.token_logprobs(policy, ids, attn, R, share_prompts=True)
+        return prime.token_logprobs(policy, inputs, R, share_prompts=True)
 
     def batched():
         logits = policy(
@@ -85,14 +86,14 @@ def main():
 
     fb = median_seconds(
         {
-            "prime": fwd_bwd(lambda: prime.token_logprobs(policy, ids, attn, R)),
+            "prime": fwd_bwd(lambda: prime.token_logprobs(policy, inputs, R)),
             "batched": fwd_bwd(batched),
             "shared": fwd_bwd(shared),
         },
         a.reps,
     )
     gap = (
-        ((shared() - prime.token_logprobs(policy, ids, attn, R)).detach() * mask).abs().max().item()
+        ((shared() - prime.token_logprobs(policy, inputs, R)).detach() * mask).abs().max().item()
     )
 
     linears = [m for m in policy.model.layers.modules() if isinstance(m, torch.nn.Linear)]

@@ -58,7 +58,7 @@ def embedded_model():
     corpus = [data.addition_question(a, b) + data.addition_solution(a, b)
               for a, b in data.addition_pairs(2000, 0)]
     tokenizer = bootstrap.build_tokenizer(corpus + [bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
-    return bootstrap.build_model(tokenizer, 0), tokenizer, "embedded default (untrained)"
+    return bootstrap.build_model(tokenizer, 0)[0], tokenizer, "embedded default (untrained)"
 
 
 def smollm2_shape():

@@ -40,7 +40,8 @@ def measure(R, batch, hidden, whole, grad):
     attn = torch.ones_like(ids)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.set_grad_enabled(grad):
-        logp = prime.token_logprobs(model, ids, attn, R, 0.7 if grad else 1.0)
+        logp = prime.token_logprobs(model, {"input_ids": ids, "attention_mask": attn}, R,
+                                    0.7 if grad else 1.0)
         if grad:
             logp.sum().backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -39,11 +39,14 @@ def render(samples: list[dict]) -> str:
             parts.append(f"<div>outcome <b class='{'ok' if ok else 'bad'}'>{s['outcome']:g}</b>"
                          + (f" &mdash; prompt: <code>{html.escape(s['prompt'])}</code>"
                             if s.get("prompt") else "") + "</div>")
+            for image in s.get("images", []):  # what the model saw (a vision-language task)
+                parts.append(f"<img src='data:image/png;base64,{image}' width='144' "
+                             f"style='image-rendering:pixelated;float:left;margin:0 1em 0 0'>")
             rewards = s["rewards"] or [0.0] * len(s["tokens"])
             spans = "".join(f"<span class='t' style='background:{colour(r, scale)}' "
                             f"title='{r:+.4g}'>{html.escape(t)}</span>"
                             for t, r in zip(s["tokens"], rewards))
-            parts.append(f"<div class='r'>{spans}</div>")
+            parts.append(f"<div class='r'>{spans}</div><div style='clear:both'></div>")
     return "\n".join(parts) + "\n"
 
 

@@ -302,7 +302,11 @@ def time_pieces(folder, reps):
     def forward_backward():
         ids, attn, mask = state["batch"]
         logp = prime.token_logprobs(
-            policy, ids, attn, mask.shape[1], 1.0, share_prompts=state["share"]
+            policy,
+            dict(input_ids=ids, attention_mask=attn),
+            mask.shape[1],
+            1.0,
+            share_prompts=state["share"],
         )
         ((logp * mask).sum() / mask.sum()).backward()
         opt.step()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ import bootstrap
 import data
 import prime
 import sandbox
+import vision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32 Eurus-2-RL-Data rows, math and code
@@ -49,7 +51,7 @@ def tiny_model_dir(tmp_path_factory):
     pairs = data.addition_pairs(200, 0)
     corpus = [data.addition_question(a, b) + data.addition_solution(a, b) for a, b in pairs]
     tokenizer = bootstrap.build_tokenizer(corpus + [bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
-    model = bootstrap.build_model(tokenizer, seed=0)
+    model, _ = bootstrap.build_model(tokenizer, seed=0)
     # A few steps on answers of 1-5 digits + EOS, so sampled responses have ragged lengths
     # (token-mean and seq-mean losses differ only then).
     opt, gen = torch.optim.AdamW(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0)
@@ -120,8 +122,14 @@ def fake_executable(folder, name):
 def printed_command(script, *args, env):
     """The lines that `bash script args` prints, run from the repository root with `env` (a
     fake_executable's, so the launch it makes prints its arguments instead)."""
-    out = subprocess.run(["bash", os.path.join(ROOT, script), *args], capture_output=True,
-                         text=True, env=env, cwd=ROOT, check=True)
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
     return out.stdout.splitlines()
 
 
@@ -173,3 +181,164 @@ def run_prime(model_dir, run_dir, **overrides):
     with open(os.path.join(args.run_dir, "metrics.jsonl")) as f:
         out["metrics"] = [json.loads(line) for line in f]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision-language models (tests/test_vision.py, the FSDP2 test in test_distributed.py)
+QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def sharpen(model, seed=0):
+    """Weights large enough that logits are far from uniform (HF's 0.02 init gives near-equal
+    log-probs, which no position bug would move)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 0.3 if "embed_tokens" in name else p[0].numel() ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def tiny_vlm_dir(path, family):
+    """A tiny LLaVA, Qwen2-VL or Qwen2.5-VL from a config with the project's tokenizer and its image
+    processor, saved as an HF folder."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Config,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    special = [vision.MARKER] if family == "llava" else QWEN_TOKENS
+    corpus = ["Add the two numbers. a=12;b=34;2+4=6;1+3=4;\\boxed{46}"] * 20
+    tok = bootstrap.build_tokenizer(corpus + [bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL, special)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    if family == "llava":
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+            ),
+            text_config=Qwen2Config(**text),
+            image_token_id=ids[vision.MARKER],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        model = LlavaForConditionalGeneration(config)
+    else:
+        processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56},
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": [2, 3, 3],
+        }  # sums to head_dim / 2
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=1,
+                embed_dim=32,
+                hidden_size=64,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model = Qwen2VLForConditionalGeneration(config)
+        if family == "qwen2_5_vl":  # the same text model; its vision blocks window attention
+            config = Qwen2_5_VLConfig(
+                text_config=text,
+                vision_config=dict(
+                    depth=2,
+                    hidden_size=32,
+                    out_hidden_size=64,
+                    intermediate_size=64,
+                    num_heads=2,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    window_size=56,
+                    fullatt_block_indexes=[1],
+                ),
+                **{
+                    key: getattr(config, key)
+                    for key in (
+                        "image_token_id",
+                        "video_token_id",
+                        "vision_start_token_id",
+                        "vision_end_token_id",
+                    )
+                },
+            )
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    sharpen(model)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if family == "llava":  # the whole processor, as a LLaVA checkpoint ships it (vLLM runs it)
+        from transformers import LlavaProcessor
+
+        processor = LlavaProcessor(
+            image_processor=processor,
+            tokenizer=tok,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def image_rows(n, size, seed=0):
+    """Rows of random images, prompts of different lengths (left padding), one image each."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "data_source": "test",
+            "ability": "math",
+            "prompt": [{"role": "user", "content": f"{vision.MARKER}" + "Add." * (1 + i % 3)}],
+            "reward_model": {"ground_truth": "1"},
+            "images": [rng.integers(0, 256, (size, size, 3), dtype=np.uint8)],
+        }
+        for i in range(n)
+    ]

@@ -28,7 +28,8 @@ def test_token_budget_packs_sorted_responses_and_cuts_padding():
     splits = list(batching.micro_batches(budget, batch, torch.arange(6)))
     # longest first; 0 and 2 together would be 2 x (4 + 3) = 14 padded tokens; 5 and 1: 2 x (3 + 2)
     assert [idx.tolist() for idx, *_ in splits] == [[0], [2], [3], [5, 1], [4]]
-    for idx, ids, attn, r in splits:
+    for idx, inputs, r in splits:
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
         assert ids.shape[0] * ids.shape[1] <= 12 and r == int(batch[2][idx].sum(-1).max())
         assert attn[:, 0].any() and ids.shape == attn.shape  # no column is padding in every row
     model = tiny_lm()
@@ -67,8 +68,9 @@ def test_training_batch_pads_engine_logprobs_and_gives_step_ends_and_truth_when_
         groups, tok, args, 0, torch.device("cpu")
     )
     assert torch.equal(engine_logp, -0.5 * batch[2])  # 0 on padding
-    ends, first = data.step_truth(tok, [row, row], responses, batch[2].shape[1])
+    ends, first, kind = data.step_truth(tok, [row, row], responses, batch[2].shape[1])
     assert torch.equal(truth[0], ends) and torch.equal(truth[1], first)
+    assert torch.equal(truth[2], kind)
     assert torch.equal(step_ends, ends)  # "," ends a step in both
     # the truth only when asked (a PRM's rewards are checked against it), step ends only for
     # --granularity step, engine log-probs only where the engine gave them
@@ -95,7 +97,9 @@ def test_shared_prompts_give_the_hidden_states_of_one_forward_per_sequence(lm):
     responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28], [29, 30], [31, 32, 33]]
     ids, attn, mask = batching.collate(prompts, responses, 0)
     with torch.no_grad():
-        shared = batching.response_hidden(lm, ids, attn, 3, share_prompts=True)
+        shared = batching.response_hidden(
+            lm, dict(input_ids=ids, attention_mask=attn), 3, share_prompts=True
+        )
     for i, (p, r) in enumerate(zip(prompts, responses)):
         with torch.no_grad():
             hidden = lm.base_model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
@@ -106,7 +110,12 @@ def test_shared_prompts_give_the_hidden_states_of_one_forward_per_sequence(lm):
     model = copy.deepcopy(lm).train()
     grads = []
     for share in (False, True):
-        (prime.token_logprobs(model, ids, attn, 3, share_prompts=share) * mask).sum().backward()
+        (
+            prime.token_logprobs(
+                model, dict(input_ids=ids, attention_mask=attn), 3, share_prompts=share
+            )
+            * mask
+        ).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad(set_to_none=True)
     for plain, shared_grad in zip(*grads):
@@ -114,8 +123,10 @@ def test_shared_prompts_give_the_hidden_states_of_one_forward_per_sequence(lm):
     # under gradient checkpointing HF drops the cache: the flag falls back to the plain forward
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.testing.assert_close(
-        batching.response_hidden(model, ids, attn, 3, share_prompts=True),
-        batching.response_hidden(model, ids, attn, 3),
+        batching.response_hidden(
+            model, dict(input_ids=ids, attention_mask=attn), 3, share_prompts=True
+        ),
+        batching.response_hidden(model, dict(input_ids=ids, attention_mask=attn), 3),
         atol=0,
         rtol=0,
     )
@@ -135,9 +146,13 @@ def test_shared_prompts_take_two_forwards_whatever_the_shapes(lm, prompts, respo
     hook = lm.base_model.register_forward_hook(lambda *_: calls.append(1))
     try:
         with torch.no_grad():
-            shared = prime.token_logprobs(lm, ids, attn, mask.shape[1], share_prompts=True)
+            shared = prime.token_logprobs(
+                lm, dict(input_ids=ids, attention_mask=attn), mask.shape[1], share_prompts=True
+            )
             assert len(calls) == 2
-            plain = prime.token_logprobs(lm, ids, attn, mask.shape[1])
+            plain = prime.token_logprobs(
+                lm, dict(input_ids=ids, attention_mask=attn), mask.shape[1]
+            )
     finally:
         hook.remove()
     torch.testing.assert_close(shared * mask, plain * mask, atol=1e-5, rtol=1e-5)
@@ -185,7 +200,9 @@ def test_chunked_head_gives_the_whole_logits_numbers(lm, share_prompts, bias, mo
         model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features) * 0.1)
     monkeypatch.setattr(batching, "LOGITS_BUDGET", 50 * 5)  # 5 tokens of vocabulary 50 a chunk
     for t in (1.0, 0.7):
-        chunked = batching.response_logprobs(model, ids, attn, R, {t}, share_prompts)[t]
+        chunked = batching.response_logprobs(
+            model, dict(input_ids=ids, attention_mask=attn), R, {t}, share_prompts
+        )[t]
         (chunked * mask).sum().backward()
         got = grads(model)
         model.zero_grad(set_to_none=True)
@@ -196,14 +213,14 @@ def test_chunked_head_gives_the_whole_logits_numbers(lm, share_prompts, bias, mo
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
         model.zero_grad(set_to_none=True)
     logp, entropy = batching.response_logprobs_and_entropy(
-        model, ids, attn, R, 0.7, share_prompts, entropy_grad=True
+        model, dict(input_ids=ids, attention_mask=attn), R, 0.7, share_prompts, entropy_grad=True
     )
     (entropy * mask).sum().backward()  # the entropy's gradient through its recomputed chunks
     got = grads(model)
     model.zero_grad(set_to_none=True)
     monkeypatch.setattr(batching, "LOGITS_BUDGET", 2**26)  # the whole logits
     _, whole_entropy = batching.response_logprobs_and_entropy(
-        model, ids, attn, R, 0.7, share_prompts, entropy_grad=True
+        model, dict(input_ids=ids, attention_mask=attn), R, 0.7, share_prompts, entropy_grad=True
     )
     (whole_entropy * mask).sum().backward()
     torch.testing.assert_close(entropy * mask, whole_entropy * mask, atol=1e-5, rtol=1e-5)
@@ -228,8 +245,14 @@ def test_no_logits_of_the_whole_batch_are_held(monkeypatch):
                     Largest.numel = max(Largest.numel, t.numel())
             return out
 
-    config = Qwen2Config(vocab_size=2000, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = Qwen2Config(
+        vocab_size=2000,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = AutoModelForCausalLM.from_config(config)
     ids, attn, mask = ragged_batch()
     B, R, V = *mask.shape, config.vocab_size
@@ -237,7 +260,9 @@ def test_no_logits_of_the_whole_batch_are_held(monkeypatch):
         monkeypatch.setattr(batching, "LOGITS_BUDGET", budget)
         Largest.numel = 0
         with Largest():
-            logp, entropy = batching.response_logprobs_and_entropy(model, ids, attn, R, 0.7)
+            logp, entropy = batching.response_logprobs_and_entropy(
+                model, dict(input_ids=ids, attention_mask=attn), R, 0.7
+            )
             (logp * mask).sum().backward()
         assert (Largest.numel >= B * R * V) == (budget > B * R * V), (budget, Largest.numel)
 
@@ -249,6 +274,12 @@ def test_prm_and_reference_score_alike_through_the_chunked_head(lm, monkeypatch)
     ids, attn, mask = ragged_batch()
     prm, ref = copy.deepcopy(lm).train(), copy.deepcopy(lm)
     with torch.no_grad():
-        ref_logp = prime.token_logprobs(ref, ids, attn, mask.shape[1])
-    q = prime.implicit_rewards(prime.token_logprobs(prm, ids, attn, mask.shape[1]), ref_logp, mask)
+        ref_logp = prime.token_logprobs(
+            ref, dict(input_ids=ids, attention_mask=attn), mask.shape[1]
+        )
+    q = prime.implicit_rewards(
+        prime.token_logprobs(prm, dict(input_ids=ids, attention_mask=attn), mask.shape[1]),
+        ref_logp,
+        mask,
+    )
     assert torch.equal(q, torch.zeros_like(q))

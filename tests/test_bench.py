@@ -14,6 +14,7 @@ from conftest import ROOT, TINY, flags
 from transformers import AutoTokenizer
 
 import batching
+import bootstrap
 import checkpoint
 import data
 
@@ -41,7 +42,12 @@ def metrics(evals, sampled=8, prm=None, hits=None):
                 "eval/accuracy": acc,
                 **({"prm/accuracy": prm[step - 1]} if prm else {}),
                 **(
-                    {"prm/first_error_hit": hits[step - 1], "prm/first_error_chance": 0.25}
+                    {
+                        "prm/first_error_hit": hits[step - 1],
+                        "prm/first_error_chance": 0.25,
+                        "prm/first_error_hit_perception": hits[step - 1] / 2,
+                        "prm/first_error_hit_arithmetic": float("nan"),
+                    }
                     if hits
                     else {}
                 ),
@@ -77,6 +83,11 @@ def test_samples_seen_and_samples_to_target_by_hand():
         "first_error_hit_last": pytest.approx(0.5),
         "first_error_chance_first": 0.25,
         "first_error_chance_last": 0.25,
+        # by kind (the image task): half the hits; no step where adding went wrong first
+        "first_error_hit_perception_first": pytest.approx(0.25),
+        "first_error_hit_perception_last": pytest.approx(0.25),
+        "first_error_hit_arithmetic_first": None,
+        "first_error_hit_arithmetic_last": None,
     }
     b = table["outcome-only"]
     assert b["samples_to_target"] is None and b["final"] == 0.6 and b["prm_accuracy_last"] is None
@@ -209,3 +220,22 @@ def test_render_samples_draws_what_a_run_writes(tiny_model_dir):
     assert f"{render_samples.colour(biggest, abs(biggest))}' title='{biggest:+.4g}'" in page
     assert render_samples.colour(0.0, 1.0) == "hsl(120, 70%, 100%)"
     assert "No process rewards" in render_samples.render([dict(samples[0], rewards=[])])
+
+
+def test_image_swap_splits_tokens_by_the_kind_of_their_step():
+    """bench/image_swap.py: the tokens of the first two steps (reading a and b off the image)
+    are perception, the rest (columns, the boxed sum, EOS) arithmetic; padding neither."""
+    image_swap = bench_module("image_swap")
+    texts = ["a=37;b=45;7+5=12;3+4+1=8;\\boxed{82}", "a=31;b=4"]
+    tok = bootstrap.build_tokenizer(texts + [bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
+    responses = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+    R = max(map(len, responses))
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses])
+    kinds = image_swap.step_kinds(tok, None, responses, mask)
+    # a response that stops inside its second step: all of it (and its EOS) is reading
+    expected = [("a=37;b=45;", "7+5=12;3+4+1=8;\\boxed{82}<|im_end|>"), ("a=31;b=4<|im_end|>", "")]
+    for response, kind, (reading, adding) in zip(responses, kinds, expected):
+        pieces = [tok.decode([t]) for t in response]
+        assert "".join(p for p, k in zip(pieces, kind) if k == data.PERCEPTION) == reading
+        assert "".join(p for p, k in zip(pieces, kind) if k == data.ARITHMETIC) == adding
+        assert (kind[len(response) :] == 0).all()

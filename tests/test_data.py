@@ -225,7 +225,8 @@ def test_longer_addition_and_its_step_truth():
     assert data.first_wrong_step(dict(row, data_source="gsm8k"), right) is None  # no step truth
     tok = bootstrap.build_tokenizer([right, bootstrap.CHAT_TEMPLATE] + bootstrap.SPECIAL)
     responses = [tok(text)["input_ids"] for text in (right, "5+8=13,4+7+1=11,3")]
-    ends, first = data.step_truth(tok, [row, row], responses, 40)
+    ends, first, kind = data.step_truth(tok, [row, row], responses, 40)
+    assert kind.tolist() == [data.NO_ERROR, data.ARITHMETIC]
     assert first.tolist() == [-1, 1] and ends[1].sum() == 2  # two commas: steps 0, 1 and the rest
     assert data.step_truth(tok, [dict(row, data_source="x")], responses[:1], 40) is None
 

@@ -15,15 +15,27 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, TINY, all_right, flags, parity_scores, ragged_batch, weights
+from conftest import (
+    ROOT,
+    TINY,
+    all_right,
+    flags,
+    image_rows,
+    parity_scores,
+    ragged_batch,
+    tiny_vlm_dir,
+    weights,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import batching
 import checkpoint
+import data
 import distributed
 import prime
 import rollout
 import sandbox
+import vision
 from distributed import free_port
 
 K, GROUPS, LR = 2, 4, 0.5
@@ -147,12 +159,49 @@ def chunked_head(model_dir):
     ids, attn, mask = batching.collate(prompts, responses, 0)
     out = {}
     for share in (False, True):
-        logp = prime.token_logprobs(model, ids, attn, mask.shape[1], 0.7, share_prompts=share)
+        logp = prime.token_logprobs(
+            model, dict(input_ids=ids, attention_mask=attn), mask.shape[1], 0.7, share_prompts=share
+        )
         (logp * mask).sum().backward()
         full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         out[share] = {"logp": (logp * mask).detach(), "grads": full}
         model.zero_grad(set_to_none=True)
     return out
+
+
+def vision_logprobs(model_dir):
+    """Log-probs of fixed responses to image rows and their full gradients by name, through a
+    vision-language model sharded by distributed.load_model (its vision blocks too), all rows on
+    every rank (FSDP's averaged gradients are then the one-process ones); and which of its
+    blocks are FSDP modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = distributed.load_model(model_dir, torch.device("cpu"))
+    tokenizer = data.load_tokenizer(model_dir)
+    ids, attn, mask, pixels = image_batch(tokenizer)
+    logp = prime.token_logprobs(model, dict(input_ids=ids, attention_mask=attn, **pixels), 3)
+    (logp * mask).sum().backward()
+    return {
+        "logp": (logp * mask).detach(),
+        # (CLIP's post_layernorm gets none: LLaVA reads the last layer's hidden states)
+        "grads": {
+            n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None
+        },
+        "sharded": {
+            n: isinstance(m, FSDPModule)
+            for n, m in model.named_modules()
+            if n.endswith(("layers.0", "layers.1"))
+        },
+    }
+
+
+def image_batch(tokenizer):
+    """Four image rows and fixed ragged responses: (input_ids, attention_mask, mask, pixels)."""
+    rows = image_rows(4, 32)
+    responses = [[5, 6, 7], [8, 9], [10], [11, 12, 13]]
+    prompts = data.prompt_token_ids(tokenizer, rows)
+    ids, attn, mask = batching.collate(prompts, responses, tokenizer.pad_token_id)
+    return ids, attn, mask, vision.collate(data.row_pixels(tokenizer, rows))
 
 
 def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
@@ -177,6 +226,8 @@ def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
                 model_dir, prm_dir, rank, world, "token-mean", micro_batch_size=4
             )
             torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
+        elif job == "vision":
+            torch.save(vision_logprobs(model_dir), os.path.join(out_dir, f"rank{rank}.pt"))
         elif job == "chunked":
             torch.save(chunked_head(model_dir), os.path.join(out_dir, f"rank{rank}.pt"))
         elif job == "bf16":
@@ -496,3 +547,31 @@ def test_chunked_head_under_fsdp2(tied, tiny_model_dir, tmp_path):
             torch.testing.assert_close(rank[share]["logp"], whole.detach(), atol=1e-5, rtol=1e-5)
             for name, p in model.named_parameters():
                 torch.testing.assert_close(rank[share]["grads"][name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_vision_blocks_are_sharded_too(tmp_path):
+    """A LLaVA under FSDP2 with 2 gloo processes: its vision encoder's layers are FSDP units as
+    the text decoder's are, and log-probs of responses to image rows and every gradient (vision
+    tower and projector included) equal one process's."""
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = tiny_vlm_dir(tmp_path / "llava", "llava")
+    spawn("vision", model_dir, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    ids, attn, mask, pixels = image_batch(data.load_tokenizer(model_dir))
+    logp = prime.token_logprobs(model, dict(input_ids=ids, attention_mask=attn, **pixels), 3)
+    (logp * mask).sum().backward()
+    for rank in ranks:
+        assert rank["sharded"] == {
+            "model.vision_tower.encoder.layers.0": True,
+            "model.vision_tower.encoder.layers.1": True,
+            "model.language_model.layers.0": True,
+            "model.language_model.layers.1": True,
+        }
+        torch.testing.assert_close(rank["logp"], (logp * mask).detach(), atol=1e-5, rtol=1e-5)
+        assert set(rank["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
+        for name, grad in rank["grads"].items():
+            torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-5, rtol=1e-4)
+        assert rank["grads"]["model.vision_tower.embeddings.patch_embedding.weight"].abs().sum() > 0

@@ -69,7 +69,9 @@ def test_token_logprobs_left_padded_matches_unpadded(lm, temperature):
     responses = [[20, 21, 22], [23], [24, 25]]
     ids, attn, mask = batching.collate(prompts, responses, 0)
     with torch.no_grad():
-        logp = prime.token_logprobs(lm, ids, attn, mask.shape[1], temperature)
+        logp = prime.token_logprobs(
+            lm, dict(input_ids=ids, attention_mask=attn), mask.shape[1], temperature
+        )
     assert logp.shape == (3, 3) and logp.dtype == torch.float32
     for i, (p, r) in enumerate(zip(prompts, responses)):
         with torch.no_grad():
@@ -520,7 +522,9 @@ def step(model_dir, prm_dir, policy_noise=0.0, trust=0.5, engine_shift=None, **f
 @torch.no_grad()
 def logp_of(model, temperature=1.0):
     """[B, R] log-probs of the fixed batch's responses under `model`, 0 off-mask."""
-    return prime.token_logprobs(model, IDS, ATTN, R, temperature) * MASK
+    return (
+        prime.token_logprobs(model, dict(input_ids=IDS, attention_mask=ATTN), R, temperature) * MASK
+    )
 
 
 def expected_advantages(q, coef=1.0, granularity="token", norm="batch_norm", **kw):
@@ -672,7 +676,7 @@ def policy_gradient(policy, objective, adv, ref_logp):
     """(objective's value, its gradient) at `policy` (a copy is differentiated)."""
     model = copy.deepcopy(policy)
     logp, entropy = batching.response_logprobs_and_entropy(
-        model, IDS, ATTN, R, T, entropy_grad=True
+        model, dict(input_ids=IDS, attention_mask=ATTN), R, T, entropy_grad=True
     )
     o = SimpleNamespace(
         logp=logp,
@@ -789,7 +793,9 @@ def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio(ti
     w = torch.exp(old - engine_logp).clamp(max=1.5)
     assert w.max() == pytest.approx(1.5) and w[MASK.bool()].min() < 1.5  # binds on some tokens
     loss = prime.masked_aggregate(
-        -advantages * w * prime.token_logprobs(model, IDS, ATTN, R), MASK, "seq-mean-token-mean"
+        -advantages * w * prime.token_logprobs(model, dict(input_ids=IDS, attention_mask=ATTN), R),
+        MASK,
+        "seq-mean-token-mean",
     )
     loss.backward()
     torch.testing.assert_close(capped, -weights_grad(model), atol=1e-6, rtol=1e-4)

@@ -10,10 +10,11 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
-from conftest import EURUS2_SAMPLE, parity_scores, write_jsonl
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import EURUS2_SAMPLE, image_rows, parity_scores, tiny_vlm_dir, write_jsonl
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import batching
 import data
@@ -21,6 +22,7 @@ import distributed
 import prime
 import rollout
 import sandbox
+import vision
 
 
 def test_response_mask_includes_first_eos_only():
@@ -58,7 +60,8 @@ class FakeLLM:
     def __init__(self, **kwargs):
         FakeLLM.last = self
         self.kwargs, self.resets, self.params, self.calls = kwargs, 0, None, []
-        self.hf = AutoModelForCausalLM.from_pretrained(kwargs["model"])
+        config = AutoConfig.from_pretrained(kwargs["model"])
+        self.hf = vision.model_class(config).from_pretrained(kwargs["model"])
         self.worker = FakeWorker(self)
 
     def collective_rpc(self, method, args=(), kwargs=None):
@@ -85,7 +88,7 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm):
         """Every prompt gets 7, 8, EOS, with log-probs -0.7, -0.8, -EOS/10."""
-        self.params = params
+        self.params, self.prompts = params, prompts
         tokens = (7, 8, params.stop_token_ids[0])
         logprobs = [{t: types.SimpleNamespace(logprob=-t / 10)} for t in tokens]
         output = types.SimpleNamespace(token_ids=tokens, logprobs=logprobs)
@@ -120,7 +123,7 @@ def make_engine(model_dir, **flags):
     policy = distributed.setup_models(
         prime.Args(no_prm=True), model_dir, torch.device("cpu")
     ).policy
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = data.load_tokenizer(model_dir)
     return rollout.VLLMRollout(model_dir, tokenizer, args), policy, tokenizer
 
 
@@ -414,3 +417,28 @@ def test_eval_only_reports_per_source_greedy_and_avg_at_k(tiny_model_dir, tmp_pa
     )
     assert calls[-1] == 24  # k responses per problem
     assert "avg@4, T=0.7, top_p=0.95" in open(tmp_path / "avg" / "eval.md").read()
+
+
+def test_vllm_engine_with_images(fake_vllm, tmp_path):
+    """vLLM gets one placeholder per image (it runs the processor and expands it itself) and the
+    images; the weight sync covers the vision tower and projector (every engine parameter)."""
+    model_dir = tiny_vlm_dir(tmp_path / "llava", "llava")
+    engine, policy, tokenizer = make_engine(model_dir)
+    rows = image_rows(3, 32)
+    prompts = data.prompt_token_ids(tokenizer, rows)
+    image_id = tokenizer.image_inputs.image_token_id
+    assert [p.count(image_id) for p in prompts] == [16] * 3
+    engine.generate(prompts, images=[r["images"] for r in rows])
+    for sent, prompt, row in zip(FakeLLM.last.prompts, prompts, rows):
+        assert sent["prompt_token_ids"].count(image_id) == 1
+        assert len(sent["prompt_token_ids"]) == len(prompt) - 15
+        (image,) = sent["multi_modal_data"]["image"]
+        assert image.size == (32, 32) and (np.asarray(image) == row["images"][0]).all()
+    name = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    with torch.no_grad():
+        policy.get_parameter(name).add_(1.0)
+    engine.sync(policy)  # refuses if any engine parameter was not loaded
+    assert torch.equal(FakeLLM.last.hf.get_parameter(name), policy.get_parameter(name))
+    FakeLLM.skip = {"model.multi_modal_projector.linear_1.weight"}
+    with pytest.raises(RuntimeError, match="multi_modal_projector"):
+        engine.sync(policy)

@@ -59,7 +59,9 @@ def engine_checks(model_dir, out_path):
         ids, attn, mask = batching.collate(grouped, responses, vllm_engine.pad_id)
         engine_logp = torch.tensor([lp + [0.0] * (mask.shape[1] - len(lp)) for lp in engine_logps])
         with torch.no_grad():
-            logp = prime.token_logprobs(policy, ids, attn, mask.shape[1])
+            logp = prime.token_logprobs(
+                policy, dict(input_ids=ids, attention_mask=attn), mask.shape[1]
+            )
         return prime.masked_aggregate((engine_logp - logp).abs(), mask, "token-mean").item()
 
     out = {}
