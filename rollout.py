@@ -106,15 +106,16 @@ class HFRollout:
                             logits_processor=LogitsProcessorList(warpers + [recorder]))
         # a prompt's text is not all of it when it has images: no shared prefill then
         cache = self.shared_prefill(ids, attn) if self.share_prompts and pixels is None else None
+        stops = self.eos_ids + placeholders(self.image_inputs)
         out = self.model.generate(input_ids=ids, attention_mask=attn,
                                   max_new_tokens=self.max_response_len, pad_token_id=self.pad_id,
-                                  eos_token_id=self.eos_ids, cache=cache, **inputs, **sampling)
+                                  eos_token_id=stops, cache=cache, **inputs, **sampling)
         tokens = out[:, ids.shape[1]:]
-        lengths = response_mask(tokens, self.eos_ids).sum(-1).long().tolist()
+        lengths = response_mask(tokens, stops).sum(-1).long().tolist()
         responses = [r[:n].tolist() for r, n in zip(tokens, lengths)]
-        if greedy:
-            return responses, None
-        return responses, [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
+        logps = None if greedy else \
+            [row[:n].tolist() for row, n in zip(recorder.finish(tokens), lengths)]
+        return cut_placeholders(responses, logps, placeholders(self.image_inputs))
 
     def pixels(self, images):
         """The images' tensors for one generate() (vision.collate), each distinct list of images
@@ -134,6 +135,23 @@ class HFRollout:
         if ids.shape[1] < 2 or len(torch.unique(torch.cat([ids, attn], 1), dim=0)) == len(ids):
             return None
         return batching.shared_prompt_cache(self.model, ids[:, :-1], attn[:, :-1])[0]
+
+
+def placeholders(image_inputs):
+    """A vision-language model's image placeholder ids (none for a text model): a token the
+    policy can sample but no response may hold, since the model would take it for an image."""
+    return [] if image_inputs is None else [image_inputs.image_token_id]
+
+
+def cut_placeholders(responses, logps, stops):
+    """(responses, logps) with a response that sampled a placeholder (generation stopped there)
+    cut before it, as if at the length limit: in training the model would look for an image
+    for it ("Image features and image tokens do not match") where generation saw a word."""
+    if not stops:
+        return responses, logps
+    cut = [len(r) - 1 if r and r[-1] in stops else len(r) for r in responses]
+    return ([r[:n] for r, n in zip(responses, cut)],
+            None if logps is None else [lp[:n] for lp, n in zip(logps, cut)])
 
 
 class SampledLogprobs:
@@ -224,7 +242,8 @@ class VLLMRollout:
             temperature=(0.0 if greedy else
                          self.args.temperature if temperature is None else temperature),
             top_p=1.0 if greedy else self.args.top_p if top_p is None else top_p,
-            max_tokens=self.args.max_response_len, stop_token_ids=self.eos_ids, logprobs=0,
+            max_tokens=self.args.max_response_len,
+            stop_token_ids=self.eos_ids + placeholders(self.image_inputs), logprobs=0,
             detokenize=False)
         outputs = self.llm.generate([self.prompt(p, im) for p, im in
                                      zip(prompts, images or [None] * len(prompts))], params,
@@ -233,7 +252,8 @@ class VLLMRollout:
         logps = [[step[t].logprob
                   for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                  for o in outputs]
-        return responses, (None if greedy else logps)
+        return cut_placeholders(responses, None if greedy else logps,
+                                placeholders(self.image_inputs))
 
 
     def prompt(self, ids, images):

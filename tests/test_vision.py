@@ -226,3 +226,32 @@ def test_image_task_runs_end_to_end(tmp_path, fake_verifier):
 
     page = render_samples.render(samples)
     assert page.count("<img src='data:image/png;base64,") == len(samples)
+
+
+def test_a_sampled_image_placeholder_ends_the_response_before_it(tmp_path):
+    """The policy can sample the image token (it is in the vocabulary), but the model would take
+    it for an image in training: generation stops there and the response is cut before it."""
+    model_dir = tiny_vlm_dir(tmp_path / "llava", "llava")
+    tokenizer = data.load_tokenizer(model_dir)
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    image_id = tokenizer.image_inputs.image_token_id
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+    with torch.no_grad():  # an untied head whose bias makes the placeholder the likeliest token
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[image_id] = 8.0
+    model.lm_head = head
+    rows = image_rows(8, 32)
+    prompts = data.prompt_token_ids(tokenizer, rows)
+    engine = rollout.HFRollout(model, tokenizer, max_response_len=6)
+    torch.manual_seed(0)
+    responses, logps = engine.generate(prompts, images=[r["images"] for r in rows])
+    assert all(image_id not in r for r in responses)
+    assert [len(lp) for lp in logps] == [len(r) for r in responses]
+    assert any(len(r) < 6 and tokenizer.eos_token_id not in r for r in responses)  # cut short
+    # the vLLM engine's answer is cut the same way
+    assert rollout.cut_placeholders(
+        [[5, 6, image_id], [5, 2]], [[-1.0, -2.0, -3.0], [-1.0, -2.0]], [image_id]
+    ) == ([[5, 6], [5, 2]], [[-1.0, -2.0], [-1.0, -2.0]])
