@@ -194,7 +194,7 @@ class AdditionStream:
 # random, so reading is learnt, not given.
 IMAGE_TASK, IMAGE_STEP_SEPARATOR, IMAGE_SIZE = "embedded/image-addition", ";", 48
 DIGIT_CELLS = [5, 6, 9, 10]  # the 12-pixel patches (row-major, 4 a row) of a's and b's digits
-IMAGE_SOLUTION_TOKENS = 48  # a worked answer (about 30 tokens) and its EOS, with room to err
+IMAGE_SOLUTION_TOKENS = 40  # a worked answer (at most 32 tokens) and its EOS, room to err
 FONT = ["111101101101111", "010110010010111", "111001111100111", "111001111001111",
         "101101111001001", "111100111001111", "111100111101111", "111001001001001",
         "111101111101111", "111101111001111"]  # 0-9: 5 rows of 3 pixels

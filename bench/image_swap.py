@@ -8,8 +8,8 @@ implicit reward q_t = beta * log(pi_phi / pi_ref) twice with the run's trained P
 checkpoint) against the reference (the model the run started from): once with each problem's own
 image, once with another problem's image (the next one's), the text unchanged. Reading steps
 ("a=37", "b=45") should depend on the image and adding steps ("7+5=12") much less: the table
-gives, per kind of step, the mean |change in q| per token and the mean q per token with the true
-and the swapped image (the same for the reference policy's own log-probs, as a yardstick: how
+gives, per kind of step, the mean |change in beta*q| per token and the mean beta*q per token with
+the true and the swapped image (the same for the reference policy's own log-probs, as a yardstick: how
 much the image matters to the policy itself at those tokens).
 """
 import argparse
@@ -89,8 +89,8 @@ def main():
     right = sum(data.first_wrong_step(r, t) == -1 for r, t in zip(rows, texts))
     print(f"{len(rows)} responses ({right} right) to {a.problems} held-out problems, "
           f"checkpoint {newest[-1]}\n")
-    print("| steps | tokens | mean abs(q swapped - q) | mean q, own image | mean q, swapped "
-          "| mean abs(change) in the reference's log pi |")
+    print("| steps | tokens | mean abs(change) in beta*q | mean beta*q, own image "
+          "| ... swapped image | mean abs(change) in the reference's log pi |")
     print("|---|---:|---:|---:|---:|---:|")
     table = {}
     for name, kind in (("reading (a=.., b=..)", data.PERCEPTION), ("adding", data.ARITHMETIC)):
