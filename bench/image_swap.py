@@ -7,9 +7,9 @@ Samples responses to held-out problems with the run's trained policy, then score
 implicit reward q_t = beta * log(pi_phi / pi_ref) twice with the run's trained PRM (its newest
 checkpoint) against the reference (the model the run started from): once with each problem's own
 image, once with another problem's image (the next one's), the text unchanged. Reading steps
-("a=37", "b=45") should depend on the image and adding steps ("7+5=12") much less: the table
-gives, per kind of step, the mean |change in beta*q| per token and the mean beta*q per token with
-the true and the swapped image (the same for the reference policy's own log-probs, as a yardstick: how
+("a=37", "b=45") should depend on the image and adding steps ("7+5=12") much less: the
+table gives, per kind of step, the mean |change in beta*q| per token and the mean beta*q per
+token with the true and the swapped image (the same for the reference policy's own log-probs, as a yardstick: how
 much the image matters to the policy itself at those tokens).
 """
 import argparse
