@@ -9,8 +9,8 @@ checkpoint) against the reference (the model the run started from): once with ea
 image, once with another problem's image (the next one's), the text unchanged. Reading steps
 ("a=37", "b=45") should depend on the image and adding steps ("7+5=12") much less: the
 table gives, per kind of step, the mean |change in beta*q| per token and the mean beta*q per
-token with the true and the swapped image (the same for the reference policy's own log-probs, as a yardstick: how
-much the image matters to the policy itself at those tokens).
+token with the true and the swapped image, and the mean |change| in the reference's own
+log-probs there, as a yardstick: how much the image matters to the model itself at those tokens.
 """
 import argparse
 import json
