@@ -66,11 +66,15 @@ class Args:
     filter_high: float = arg(0.8, "... and <= this (0 and 1 disable the filter)")
     max_filter_rounds: int = arg(4, "sampling rounds per step to fill the quota of kept groups")
     outcome_noise: float = arg(0.0, "flip training outcome labels with this probability (not eval)")
+    noise_correction: float = arg(0.0, "RHO, the rate of flipped labels assumed: corrects the "
+                                  "PRM's loss and the outcome term for it; 0 = none")
     beta: float = arg(0.05, "beta of the implicit PRM: r_t = beta * log(pi_phi / pi_ref) (Eq. 3)",
                       section="implicit PRM")
     no_prm: bool = arg(False, "outcome-only RLOO: no PRM, no process rewards (paper's baseline)")
     process_reward_coef: float = arg(1.0, "weight of the process return; 0 = --no-prm",
                                      aliases=["--process-coef"])
+    oracle_process_reward: bool = arg(False, "a control, no PRM: the built-in task's true step "
+                                      "credit (-1 on the first wrong step) as process reward")
     adaptive_process_coef: bool = arg(False, "scale it by the PRM's held-out pairwise accuracy")
     granularity: str = arg("token", "process reward per token, per reasoning step (on its last "
                            "token) or per response", choices=["token", "step", "whole"])
@@ -202,12 +206,19 @@ def process_rewards(q, mask, beta=0.05, granularity="token", norm="batch_norm", 
     return r
 
 
-def prm_ce_loss(q, mask, outcome, beta=0.05):
+def prm_ce_loss(q, mask, outcome, beta=0.05, noise=0.0):
     """The PRM's cross-entropy loss on outcome labels only (Alg. 1 line 8): beta * sum_t q_t [B]
     is the logit of P(correct); mean BCE with `outcome` [B] in [0, 1] (soft labels kept). With
-    logits: sigmoid-then-BCE saturates to inf for large scores in fp32."""
+    logits: sigmoid-then-BCE saturates to inf for large scores in fp32.
+    Not in the paper: noise = rho > 0 (labels flipped at that rate, both ways) takes the forward
+    correction (Patrini et al. 2017): BCE of the labels against P(label 1) = rho + (1 - 2 rho)
+    sigmoid(score), whose minimiser is the clean probability; a flipped label costs at most
+    -log(rho) instead of growing with the score."""
     score = beta * (q * mask).sum(-1)
-    return F.binary_cross_entropy_with_logits(score, outcome.to(score.dtype))
+    if noise == 0:
+        return F.binary_cross_entropy_with_logits(score, outcome.to(score.dtype))
+    p = noise + (1 - 2 * noise) * torch.sigmoid(score)
+    return F.binary_cross_entropy(p, outcome.to(score.dtype))
 
 
 def rloo(rewards, mask, k, variant="official"):
@@ -326,6 +337,27 @@ def min_returns(rewards, mask, ends=None):
     big = torch.finfo(rewards.dtype).max
     future_min = torch.where(ends > 0, rewards, big).flip(-1).cummin(-1).values.flip(-1)
     return torch.where((mask > 0) & (future_min < big), future_min, torch.zeros_like(rewards))
+
+
+def oracle_rewards(step_ends, first_wrong, mask, beta=0.05):
+    """A control (--oracle-process-reward): the built-in task's true step credit in q's place,
+    what a perfect PRM could say. Each wrong response's first wrong step (first_wrong [B], -1
+    where none) gets -1 / beta spread over its tokens (beta * its sum: -1, a wrong outcome's
+    size), every other token 0: blame where the error is, no credit invented elsewhere. It then
+    goes through process_rewards and the advantages as q does (a first wrong step past the
+    response's last step, by tokens, is its last). [B, R] -> [B, R]."""
+    ends, step = step_index(step_ends, mask)
+    # a wrong response is always blamed somewhere: at most its last step
+    first = torch.minimum(first_wrong, ends.sum(-1).long() - 1)
+    blamed = ((step == first[:, None]) & (first_wrong[:, None] >= 0)).float() * mask
+    return -blamed / blamed.sum(-1, keepdim=True).clamp(min=1) / beta
+
+
+def corrected_outcome(outcome, noise=0.0):
+    """The outcome term corrected for labels flipped at rate `noise` both ways (Wang, Liu & Li
+    2020): (o - rho) / (1 - 2 rho) has the clean label's expectation. Under RLOO it rescales the
+    outcome advantage by 1 / (1 - 2 rho) against the process one. [B] -> [B]."""
+    return outcome if noise == 0 else (outcome - noise) / (1 - 2 * noise)
 
 
 def process_coef(args, trust, accuracy, smoothing=0.9):
@@ -458,7 +490,7 @@ def update_prm(prm, opt, batch, ref_logp, outcome, args):
     (B, R), stats = mask.shape, {"prm/loss": 0.0, "prm/grad_norm": 0.0}
     if args.prm_update == "none":
         q = implicit_rewards(batched_logprobs(prm, batch, args, {1.0})[1.0], ref_logp, mask)
-        stats["prm/loss"] = prm_ce_loss(q, mask, outcome, args.beta).item()
+        stats["prm/loss"] = prm_ce_loss(q, mask, outcome, args.beta, args.noise_correction).item()
         return q, stats
     q, mini = torch.zeros_like(mask), args.mini_batch_size // distributed.world_size()
     for lo in range(0, B, mini):  # contiguous mini-batches, as the official code splits
@@ -466,7 +498,7 @@ def update_prm(prm, opt, batch, ref_logp, outcome, args):
         for idx, inputs, r in batching.micro_batches(args, batch, rows, all_reduce):
             logp = token_logprobs(prm, inputs, r, share_prompts=args.share_prompts)
             q_mb = implicit_rewards(padded(logp, R), ref_logp[idx], mask[idx])
-            loss = prm_ce_loss(q_mb, mask[idx], outcome[idx], args.beta)
+            loss = prm_ce_loss(q_mb, mask[idx], outcome[idx], args.beta, args.noise_correction)
             (loss * len(idx) / len(rows)).backward()  # mean over the mini-batch's sequences
             q[idx] = q_mb.detach()
             stats["prm/loss"] += loss.item() * len(idx) / B
@@ -559,7 +591,9 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
 
     # 5. implicit process rewards (Eq. 3) and the PRM's CE update on outcome labels
     q = r = None
-    if prm is not None:
+    if args.oracle_process_reward:  # a control: the task's true step credit in q's place
+        q, coef = oracle_rewards(truth[0], truth[1], mask, args.beta), 1.0
+    elif prm is not None:
         q_ref = old[1.0] if args.reference == "policy" else ref_logp[1.0]
         q, prm_metrics = update_prm(prm, prm_opt, batch, q_ref, outcome, args)
         metrics.update(prm_metrics)
@@ -577,6 +611,7 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
                     metrics[f"prm/first_error_hit_{name}"] = hit
         coef, state.prm_trust = process_coef(args, state.prm_trust, metrics["prm/accuracy"])
         metrics["prm/process_coef"] = coef
+    if q is not None:
         r = coef * process_rewards(q, mask, beta=args.beta, granularity=args.granularity,
                                    norm=args.reward_norm, reduce=all_reduce, step_ends=step_ends)
         # size of the process return next to the 0/1 outcome: how much the PRM steers
@@ -588,8 +623,9 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
         reward_ends = last_token_mask(mask)
     elif args.granularity == "step" and step_ends is not None:
         reward_ends = step_index(step_ends, mask)[0]
-    advantages = prime_advantages(r, outcome, mask, K, gamma=args.gamma,
-                                  variant=args.rloo_variant, whiten=args.whiten,
+    # --noise-correction: the outcome term unbiased for the labels assumed flipped
+    advantages = prime_advantages(r, corrected_outcome(outcome, args.noise_correction), mask, K,
+                                  gamma=args.gamma, variant=args.rloo_variant, whiten=args.whiten,
                                   reduce=all_reduce, estimator=args.estimator,
                                   credit=args.credit, reward_ends=reward_ends)
 
@@ -637,8 +673,9 @@ def main(args: Args, given=None):
                                                      state.noise)
             outcome, metrics = groups.outcome.to(device), {"step": step, **metrics}
             if groups.responses:  # else every group was all right or all wrong: nothing to learn
+                with_truth = models.prm is not None or args.oracle_process_reward
                 batch, *extra = batching.training_batch(groups, tokenizer, args, engine.pad_id,
-                                                        device, with_truth=models.prm is not None)
+                                                        device, with_truth=with_truth)
                 engine.sleep()  # its memory is the trainer's until the sync below
                 # 4-7. log-probs, PRM update on outcome labels, advantages, policy update
                 q, _, step_metrics = prime_step(models, batch, outcome, args, state, *extra)

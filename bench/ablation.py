@@ -40,10 +40,19 @@ CONFIGS = {  # name -> the prime.py flags that differ from the default; the ques
     "min-credit": ["--credit", "min"],  # PURE's min-form credit instead of PRIME's sum
     # credit per digit column, trusted only as far as the PRM ranks fresh samples better than chance
     "step-adaptive": ["--granularity", "step", "--step-separator", ",", "--adaptive-process-coef"],
+    # what a perfect PRM could buy: the task's true step credit in place of the implicit rewards
+    "oracle": ["--oracle-process-reward"],
+    # 20% of labels flipped, corrected for the rate assumed (right, or misjudged as 10%)
+    "corrected-noise-0.2": ["--outcome-noise", "0.2", "--noise-correction", "0.2"],
+    "outcome-only-corrected-noise-0.2": ["--no-prm", "--outcome-noise", "0.2",
+                                         "--noise-correction", "0.2"],
+    "corrected-0.1-noise-0.2": ["--outcome-noise", "0.2", "--noise-correction", "0.1"],
 }
 DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
 # noisy configuration -> its clean configuration
-NOISY = {"outcome-noise-0.2": "prime", "outcome-only-noise-0.2": "outcome-only"}
+NOISY = {"outcome-noise-0.2": "prime", "outcome-only-noise-0.2": "outcome-only",
+         "corrected-noise-0.2": "prime", "outcome-only-corrected-noise-0.2": "outcome-only",
+         "corrected-0.1-noise-0.2": "prime"}
 
 
 def offline_prm(seed, args, extra):

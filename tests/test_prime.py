@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     ROOT,
     all_right,
@@ -502,7 +503,7 @@ STEP = dict(
 )
 
 
-def step(model_dir, prm_dir, policy_noise=0.0, trust=0.5, engine_shift=None, **flags):
+def step(model_dir, prm_dir, policy_noise=0.0, trust=0.5, engine_shift=None, truth=None, **flags):
     """prime_step once on the fixed batch: its q, advantages and metrics, the models after it and
     copies of them before it. policy_noise: the policy starts away from the frozen reference."""
     args = prime.Args(model=model_dir, prm_model=prm_dir, **STEP, **flags)
@@ -513,7 +514,9 @@ def step(model_dir, prm_dir, policy_noise=0.0, trust=0.5, engine_shift=None, **f
     engine_logp = None if engine_shift is None else logp_of(models.policy, T) - engine_shift * MASK
     state = checkpoint.TrainState(None, seed=0, rank=0)
     state.prm_trust = trust
-    q, adv, metrics = prime.prime_step(models, BATCH, OUTCOME, args, state, engine_logp, STEP_ENDS)
+    q, adv, metrics = prime.prime_step(
+        models, BATCH, OUTCOME, args, state, engine_logp, STEP_ENDS, truth
+    )
     return SimpleNamespace(
         args=args, q=q, adv=adv, metrics=metrics, models=models, before=before, state=state
     )
@@ -1045,3 +1048,67 @@ def test_seeded_runs_repeat_bit_for_bit_in_separate_processes(tiny_model_dir, tm
     assert prime_py("--steps", "3", "--run-dir", str(tmp_path / "b")) == first
     prime_py("--steps", "2", "--run-dir", str(tmp_path / "c"))
     assert prime_py("--steps", "3", "--resume", "--run-dir", str(tmp_path / "c")) == first
+
+
+# =============================================================================================
+# A control and a defence (not in the paper): the task's true step credit in q's place, and
+# labels assumed flipped at a known rate
+FIRST_WRONG = torch.tensor([-1, 1, 0, -1, -1, 2])  # the wrong responses' first wrong steps
+
+
+def test_oracle_rewards_blame_the_first_wrong_step_by_hand():
+    q = prime.oracle_rewards(STEP_ENDS, FIRST_WRONG, MASK, beta=BETA)
+    for i in range(len(MASK)):
+        n = int(MASK[i].sum())
+        steps, current = [], 0  # each token's step: a step ends at STEP_ENDS or the last token
+        for t in range(n):
+            steps.append(current)
+            current += int(STEP_ENDS[i, t] == 1)
+        first = min(int(FIRST_WRONG[i]), steps[-1])  # row 5 has two steps: its last is blamed
+        blamed = [t for t in range(n) if steps[t] == first and FIRST_WRONG[i] >= 0]
+        expected = torch.zeros(R)
+        for t in blamed:
+            expected[t] = -1 / (BETA * len(blamed))
+        torch.testing.assert_close(q[i], expected)
+        assert (BETA * q[i].sum()).item() == pytest.approx(-1.0 if FIRST_WRONG[i] >= 0 else 0.0)
+
+
+def test_oracle_process_reward_takes_q_s_place(tiny_model_dir):
+    """No PRM is built; the oracle's rewards go through process_rewards and the advantages
+    exactly as q would."""
+    truth = (STEP_ENDS, FIRST_WRONG, torch.full((6,), data.ARITHMETIC))
+    s = step(tiny_model_dir, "", truth=truth, oracle_process_reward=True)
+    assert s.models.prm is None and "prm/loss" not in s.metrics
+    torch.testing.assert_close(s.q, prime.oracle_rewards(STEP_ENDS, FIRST_WRONG, MASK, BETA))
+    torch.testing.assert_close(s.adv, expected_advantages(s.q))
+
+
+def test_noise_correction_rescales_the_outcome_term(tiny_model_dir):
+    """(o - rho) / (1 - 2 rho): RLOO drops the shift, so outcome-only advantages (unwhitened) are
+    1 / (1 - 2 rho) times the plain ones."""
+    plain = step(tiny_model_dir, "", no_prm=True, whiten=False)
+    corrected = step(tiny_model_dir, "", no_prm=True, whiten=False, noise_correction=0.2)
+    assert plain.adv.abs().sum() > 0
+    torch.testing.assert_close(corrected.adv, plain.adv / 0.6)
+    assert prime.corrected_outcome(OUTCOME, 0.0) is OUTCOME  # rho = 0: untouched
+
+
+def test_forward_correction_bounds_a_flipped_label_and_finds_the_clean_probability():
+    q, mask = torch.randn(4, 3), torch.ones(4, 3)
+    outcome = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    # rho = 0: the plain BCE with logits, bit for bit
+    plain = F.binary_cross_entropy_with_logits(BETA * q.sum(-1), outcome)
+    assert torch.equal(prime.prm_ce_loss(q, mask, outcome, BETA, noise=0.0), plain)
+    # a confident score against its label costs at most -log(rho) (plain: ~ the score)
+    one = torch.ones(1, 1)
+    wrong = prime.prm_ce_loss(torch.full((1, 1), 1000.0), one, torch.zeros(1), 1.0, noise=0.2)
+    assert wrong.item() <= -math.log(0.2) + 1e-5
+    assert prime.prm_ce_loss(torch.full((1, 1), 1000.0), one, torch.zeros(1), 1.0) > 900
+    # labels that are 1 with probability rho + (1 - 2 rho) p: the loss is least where
+    # sigmoid(score) = p, the clean probability
+    p, rho = 0.7, 0.2
+    label = torch.tensor([rho + (1 - 2 * rho) * p])
+    scores = torch.linspace(-4, 4, 801)
+    losses = [prime.prm_ce_loss(s.view(1, 1), one, label, 1.0, noise=rho) for s in scores]
+    best = scores[int(torch.stack(losses).argmin())]
+    assert torch.sigmoid(best).item() == pytest.approx(p, abs=0.005)
