@@ -10,8 +10,11 @@ A row follows the schema of PRIME-RL/Eurus-2-RL-Data:
 - The built-in task: N-digit addition (3 by default) whose worked solution (one carry-annotated
   step per column) ends in \\boxed{sum}, scored by the same math verifier as real data, with its
   step truth (`first_wrong_step`: where a wrong answer went wrong).
+- The built-in image task (--task image-addition): two 2-digit numbers rendered in an image, a
+  worked answer that reads them (perception steps), then adds (arithmetic steps).
 - `data_files`, `RowFile`, `RowStream`: .parquet (as the dataset ships) and .jsonl files, folders
-  and globs, read and checked as rows are drawn (file, row and field named for anything bad);
+  and globs, read and checked as rows are drawn (file, row and field named for anything bad); a
+  row may carry `images` (verl's multimodal layout: one <image> marker per image in its prompt);
   `load_rows` reads an eval set whole. `load_task`: what a run trains and evaluates on.
 - Prompts through the tokenizer's chat template. (The trainer's batches are batching.py's.)
 """
@@ -22,6 +25,7 @@ import os
 import random
 import re
 
+import numpy as np
 import torch
 
 import distributed
@@ -204,7 +208,6 @@ def render_numbers(a: int, b: int, rng: random.Random):
     """RGB uint8 [48, 48, 3]: a on the second row of cells, b on the third, right-aligned,
     each glyph drawn 2x (6x10 pixels), the whole shifted by up to 2 pixels, with random
     brightness and noise."""
-    import numpy as np
     image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
     for row, number in ((1, a), (2, b)):
@@ -506,7 +509,10 @@ def load_tokenizer(model_path):
     processor and placeholders as `image_inputs` (vision.ImageInputs; None for a text model)."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    tokenizer.image_inputs = vision.ImageInputs.load(model_path, tokenizer)
+    try:
+        tokenizer.image_inputs = vision.ImageInputs.load(model_path, tokenizer)
+    except ValueError as e:  # a vision-language family prime does not know
+        raise DataError(f"--model {model_path}: {e}") from None
     return tokenizer
 
 

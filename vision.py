@@ -11,7 +11,7 @@ data file), or an RGB array [H, W, 3] uint8 (the built-in image task renders its
 - Qwen2-VL / Qwen2.5-VL: `<|vision_start|>` + one `<|image_pad|>` per merged patch +
   `<|vision_end|>`; positions are 3D (M-RoPE) and the model builds them itself from
   `mm_token_type_ids` and `image_grid_thw`: given 2D position ids it silently copies them to
-  all three rows, and its scores then disagree with its own generation (~1e-3 in log-prob).
+  all three rows, and its scores then disagree with its own generation.
 The HF engine and the trainer take the expanded ids; vLLM expands placeholders itself and gets
 one per image (`collapse`; pre-expanded ids give garbage rollouts, TRL issue 6294).
 """

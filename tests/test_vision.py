@@ -255,3 +255,12 @@ def test_a_sampled_image_placeholder_ends_the_response_before_it(tmp_path):
     assert rollout.cut_placeholders(
         [[5, 6, image_id], [5, 2]], [[-1.0, -2.0, -3.0], [-1.0, -2.0]], [image_id]
     ) == ([[5, 6], [5, 2]], [[-1.0, -2.0], [-1.0, -2.0]])
+
+
+def test_an_unknown_vision_language_family_is_refused_in_one_line(tmp_path):
+    path = tiny_vlm_dir(tmp_path / "llava", "llava")
+    config = json.loads((tmp_path / "llava" / "config.json").read_text())
+    config["model_type"] = "idefics3"
+    (tmp_path / "llava" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(data.DataError, match="idefics3: vision-language models supported are"):
+        data.load_tokenizer(path)
