@@ -17,11 +17,13 @@ one per image (`collapse`; pre-expanded ids give garbage rollouts, TRL issue 629
 """
 import io
 import os
+import shutil
 
 import numpy as np
 import torch
 
 MARKER = "<image>"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 FAMILIES = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
 
 
@@ -112,8 +114,9 @@ class ImageInputs:
     """A vision-language model's image processor and placeholder tokens (see the module's
     docstring). load() returns None for a text-only model."""
 
-    def __init__(self, config, image_processor, tokenizer):
+    def __init__(self, config, image_processor, tokenizer, source=None):
         self.family, self.image_processor = family(config), image_processor
+        self.source = source  # the model folder it came from: its processor files, for save()
         self.image_token_id = config.image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
         if self.family == "qwen2_vl":
@@ -133,10 +136,18 @@ class ImageInputs:
         config = AutoConfig.from_pretrained(model_path)
         if not is_multimodal(config):
             return None
-        return cls(config, AutoImageProcessor.from_pretrained(model_path), tokenizer)
+        return cls(config, AutoImageProcessor.from_pretrained(model_path), tokenizer, model_path)
 
     def save(self, path):
-        self.image_processor.save_pretrained(path)
+        """The processor beside a checkpoint: the source folder's files as they were (a LLaVA's
+        processor_config.json holds what vLLM needs to expand images, e.g. patch_size), else the
+        image processor alone."""
+        copied = [name for name in PROCESSOR_FILES if self.source
+                  and os.path.isfile(os.path.join(self.source, name))]
+        for name in copied:
+            shutil.copy(os.path.join(self.source, name), os.path.join(path, name))
+        if not copied:
+            self.image_processor.save_pretrained(path)
 
     def pixels(self, images) -> dict:
         """RGB arrays -> {"pixel_values": ...} (Qwen2-VL: and "image_grid_thw" [n, 3])."""

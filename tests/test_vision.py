@@ -214,6 +214,10 @@ def test_image_task_runs_end_to_end(tmp_path, fake_verifier):
     name = "model.vision_tower.embeddings.patch_embedding.weight"
     assert not torch.equal(trained.get_parameter(name), initial.get_parameter(name))
     assert data.load_tokenizer(policy).image_inputs.family == "llava"
+    # the processor as the model shipped it (vLLM reads its patch_size to expand images)
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(policy).patch_size == 8
     # samples.jsonl carries each sample's image; render_samples draws it beside the rewards
     with open(os.path.join(out["run_dir"], "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
