@@ -56,8 +56,8 @@ def text_config(tokenizer):
 
 
 def build_model(tokenizer, seed: int, task: str = "addition"):
-    """The text model, or (image-addition) a LLaVA of a CLIP-style tower and the same text
-    model; with the image processor that goes with it (None for text)."""
+    """(model, processor): the text model, or (image-addition) a LLaVA of a CLIP-style tower and
+    the same text model, with the LlavaProcessor that goes with it (None for text)."""
     from transformers import (
         AutoModelForCausalLM,
         CLIPImageProcessorPil,
@@ -107,8 +107,8 @@ def task_rows(task, pairs, seed, digits=3):
 
 
 def sft_batch(tokenizer, rows, solutions):
-    """Prompt + worked solution + EOS; labels only on the solution and EOS (-100 elsewhere); the
-    forward's keyword arguments, images' tensors included."""
+    """(input_ids, attention_mask, labels, the images' tensors or None): prompt + worked solution
+    + EOS, right-padded, labels only on the solution and EOS (-100 elsewhere)."""
     prompts = data.prompt_token_ids(tokenizer, rows)
     targets = [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for s in solutions]
