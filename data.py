@@ -605,8 +605,4 @@ def row_pixels(tokenizer, rows: list[dict]) -> list:
     a row repeated (a group's K responses) is processed once. None for text-only models."""
     if getattr(tokenizer, "image_inputs", None) is None:
         return None
-    done = {}
-    for r in rows:
-        if id(r) not in done:
-            done[id(r)] = tokenizer.image_inputs.pixels(r["images"]) if r.get("images") else None
-    return [done[id(r)] for r in rows]
+    return tokenizer.image_inputs.each_pixels([r.get("images") for r in rows])

@@ -122,11 +122,7 @@ class HFRollout:
         (a group's K prompts share their row's) processed once; None without images."""
         if not images or not any(images):
             return None
-        done = {}
-        for im in images:
-            if im and id(im) not in done:
-                done[id(im)] = self.image_inputs.pixels(im)
-        return vision.collate([done[id(im)] if im else None for im in images])
+        return vision.collate(self.image_inputs.each_pixels(images))
 
     def shared_prefill(self, ids, attn):
         """The KV cache of every prompt [B, P] but its last token (shared_prompt_cache), as vLLM's

@@ -156,10 +156,21 @@ class ImageInputs:
             ("pixel_values",)
         return {key: out[key] for key in keys}
 
-    def tokens_per_image(self, pixels) -> list[int]:
+    def each_pixels(self, image_lists) -> list:
+        """pixels() of each list of images (None where a list is empty or None), each distinct
+        list processed once: a group's K prompts share their row's list."""
+        done = {}
+        for images in image_lists:
+            if images and id(images) not in done:
+                done[id(images)] = self.pixels(images)
+        return [done[id(images)] if images else None for images in image_lists]
+
+    def tokens_per_image(self, images) -> list[int]:
+        """Image tokens each image takes: LLaVA's are fixed by its config; Qwen2-VL's follow each
+        image's size (its merged patch grid, from the image processor)."""
         if self.family == "qwen2_vl":
-            return (pixels["image_grid_thw"].prod(-1) // self.merge).tolist()
-        return [self.llava_tokens] * len(pixels["pixel_values"])
+            return (self.pixels(images)["image_grid_thw"].prod(-1) // self.merge).tolist()
+        return [self.llava_tokens] * len(images)
 
     def token_ids(self, tokenizer, text: str, images) -> list[int]:
         """Prompt text with one MARKER per image -> token ids, each image's placeholder expanded
@@ -168,7 +179,7 @@ class ImageInputs:
             raise ValueError(f"{text.count(MARKER)} {MARKER} markers for {len(images)} images")
         ids = tokenizer(text.replace(MARKER, self.placeholder),
                         add_special_tokens=False)["input_ids"]
-        counts = iter(self.tokens_per_image(self.pixels(images)))
+        counts = iter(self.tokens_per_image(images))
         out = []
         for token in ids:
             out += [token] * (next(counts) if token == self.image_token_id else 1)

@@ -43,7 +43,7 @@ def step_kinds(tokenizer, rows, responses, mask):
 def token_q(prm, ref, tokenizer, batch, images, beta, args):
     """(q [B, R], the reference's log-probs [B, R]) of a collated batch with `images` (a list per
     row) as the rows' images."""
-    pixels = data.row_pixels(tokenizer, [{"images": im} for im in images])
+    pixels = tokenizer.image_inputs.each_pixels(images)
     full = (*batch, pixels)
     logps = {name: prime.batched_logprobs(model, full, args, {1.0})[1.0]
              for name, model in (("prm", prm), ("ref", ref))}

@@ -34,9 +34,7 @@ def test_generation_and_scoring_agree(tmp_path, family, size):
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     rows = image_rows(4, size)
     prompts = data.prompt_token_ids(tokenizer, rows)
-    per_image = tokenizer.image_inputs.tokens_per_image(
-        tokenizer.image_inputs.pixels(rows[0]["images"])
-    )
+    per_image = tokenizer.image_inputs.tokens_per_image(rows[0]["images"])
     assert [p.count(model.config.image_token_id) for p in prompts] == per_image * 4
     assert per_image == ([16] if family == "llava" else [4])
     assert len({len(p) for p in prompts}) == 3  # ragged: left padding matters
