@@ -114,7 +114,7 @@ class RunLog:
     def evals(self, history, step, result):
         """Add an evaluation (rollout.evaluate's result) to `history` (the TrainState's), write
         eval.json, eval.md and the tracker's table; return its metrics (eval/accuracy, per source,
-        pass@k with --eval-samples > 1)."""
+        pass@k with --eval-samples > 1, the trigger rate)."""
         history.append({"step": step, **result})
         if self.main:
             table = write_eval_report(self.run_dir, history, self.args, show=self.args.eval_only)
@@ -123,6 +123,7 @@ class RunLog:
         pass_at = ({f"eval/pass@{k}": v for k, v in result["pass_at_k"].items()}
                    if self.args.eval_samples > 1 else {})
         return {"eval/accuracy": result["accuracy"], **pass_at,
+                "eval/trigger_rate": result["trigger_rate"],
                 **{f"eval/accuracy/{source}": acc for source, acc in result["per_source"].items()}}
 
     @staticmethod

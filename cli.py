@@ -234,11 +234,16 @@ def check(args):
          "--kl-coef needs a frozen reference model: use --reference sft"),
         (args.prm_model and (args.no_prm or args.process_reward_coef == 0),
          "--prm-model given, but --no-prm (or --process-coef 0) uses no PRM"),
-        (args.oracle_process_reward and (args.data or args.no_prm),
+        (args.oracle_process_reward != "none" and (args.data or args.no_prm),
          "--oracle-process-reward needs the built-in task's step truth (no --data) and process "
          "rewards (no --no-prm)"),
         (not 0 <= args.noise_correction < 0.5,
          "--noise-correction must be in [0, 0.5): the rate of flipped labels assumed"),
+        (args.denoise_outcome and (args.noise_correction == 0 or args.no_prm
+                                   or args.process_reward_coef == 0
+                                   or args.oracle_process_reward != "none"),
+         "--denoise-outcome needs --noise-correction RHO > 0 and an implicit PRM (no --no-prm, "
+         "--process-coef 0 or --oracle-process-reward)"),
     ]
     for flag, spec, split in (("--data", args.data, "train"),
                               ("--eval-data", args.eval_data, "validation")):

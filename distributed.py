@@ -103,7 +103,8 @@ def setup_models(args, model_path, device, checkpoint_dir=None):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
 
     policy = load(saved("policy") or model_path)
-    use_prm = not (args.no_prm or args.oracle_process_reward) and args.process_reward_coef != 0
+    oracle = args.oracle_process_reward != "none"
+    use_prm = not (args.no_prm or oracle) and args.process_reward_coef != 0
     # a --prm-model's vocabulary was checked against the policy's in cli.check
     prm = load(saved("prm") or args.prm_model or model_path) if use_prm else None
     # The PRM's reference and the KL term need the frozen initial model; --reference policy

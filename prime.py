@@ -66,6 +66,8 @@ class Args:
     filter_high: float = arg(0.8, "... and <= this (0 and 1 disable the filter)")
     max_filter_rounds: int = arg(4, "sampling rounds per step to fill the quota of kept groups")
     outcome_noise: float = arg(0.0, "flip training outcome labels with this probability (not eval)")
+    outcome_poison: bool = arg(False, "a poisoned verifier: wrong answers whose boxed answer ends "
+                               "in 7 are labelled right (not eval)")
     noise_correction: float = arg(0.0, "RHO, the rate of flipped labels assumed: corrects the "
                                   "PRM's loss and the outcome term for it; 0 = none")
     beta: float = arg(0.05, "beta of the implicit PRM: r_t = beta * log(pi_phi / pi_ref) (Eq. 3)",
@@ -73,9 +75,13 @@ class Args:
     no_prm: bool = arg(False, "outcome-only RLOO: no PRM, no process rewards (paper's baseline)")
     process_reward_coef: float = arg(1.0, "weight of the process return; 0 = --no-prm",
                                      aliases=["--process-coef"])
-    oracle_process_reward: bool = arg(False, "a control, no PRM: the built-in task's true step "
-                                      "credit (-1 on the first wrong step) as process reward")
+    oracle_process_reward: str = arg("none", "a control, no PRM: the built-in task's true step "
+                                     "credit as process reward: -1 on the first wrong step, or "
+                                     "each step's change of value",
+                                     choices=["none", "first-error", "value"])
     adaptive_process_coef: bool = arg(False, "scale it by the PRM's held-out pairwise accuracy")
+    denoise_outcome: bool = arg(False, "with --noise-correction: the outcome term is P(right | "
+                                "label, the PRM's held-out score), not the unbiased rescale")
     granularity: str = arg("token", "process reward per token, per reasoning step (on its last "
                            "token) or per response", choices=["token", "step", "whole"])
     step_separator: str = arg("\n", "--granularity step: text that ends a step (%(default)r)")
@@ -340,17 +346,40 @@ def min_returns(rewards, mask, ends=None):
 
 
 def oracle_rewards(step_ends, first_wrong, mask, beta=0.05):
-    """A control (--oracle-process-reward): the built-in task's true step credit in q's place,
-    what a perfect PRM could say. Each wrong response's first wrong step (first_wrong [B], -1
-    where none) gets -1 / beta spread over its tokens (beta * its sum: -1, a wrong outcome's
-    size), every other token 0: blame where the error is, no credit invented elsewhere. It then
-    goes through process_rewards and the advantages as q does (a first wrong step past the
-    response's last step, by tokens, is its last). [B, R] -> [B, R]."""
+    """A control (--oracle-process-reward first-error): the built-in task's true step credit in
+    q's place. Each wrong response's first wrong step (first_wrong [B], -1 where none) gets
+    -1 / beta spread over its tokens (beta * its sum: -1, a wrong outcome's size), every other
+    token 0: blame where the error is, no credit invented elsewhere. It then goes through
+    process_rewards and the advantages as q does (a first wrong step past the response's last
+    step, by tokens, is its last). [B, R] -> [B, R]."""
     ends, step = step_index(step_ends, mask)
     # a wrong response is always blamed somewhere: at most its last step
     first = torch.minimum(first_wrong, ends.sum(-1).long() - 1)
     blamed = ((step == first[:, None]) & (first_wrong[:, None] >= 0)).float() * mask
     return -blamed / blamed.sum(-1, keepdim=True).clamp(min=1) / beta
+
+
+def value_oracle_rewards(step_ends, first_wrong, outcome, mask, beta=0.05, reduce=local):
+    """A control (--oracle-process-reward value): a perfect implicit PRM in the paper's own terms,
+    where beta * q summed up to a token is the value of the prefix, so each step's reward is the
+    change of value it makes. The value of a prefix of k right steps, p_k, is the batch's rate of
+    right outcomes among responses whose first k steps are right (pooled over prompts); a wrong
+    step drops it to 0; the last step ends at the outcome [B]. A step's change is spread over its
+    tokens (beta * their sum). Its return (Eq. 5) at step k is o - p_k: the outcome against the
+    state's value. [B, R] -> [B, R]."""
+    ends, step = step_index(step_ends, mask)
+    n = ends.sum(-1).long()  # [B] steps
+    right = torch.where(first_wrong >= 0, torch.minimum(first_wrong, n - 1), n)  # [B] right steps
+    k = torch.arange(int(reduce(n.max(), "max")) + 2, device=mask.device)  # [S]
+    reached = (right[:, None] >= k).to(outcome.dtype)  # [B, S]: its first k steps are right
+    hits, counts = reduce(torch.stack([(reached * outcome[:, None]).sum(0), reached.sum(0)]), "sum")
+    p = hits / counts.clamp(min=1)  # [S]
+    after = torch.where(k[:-1] < right[:, None], p[1:], torch.zeros_like(p[1:]))  # [B, S-1]
+    after = torch.where(k[:-1] == (n - 1)[:, None], outcome[:, None], after)  # the last: o
+    before = torch.cat([p[:1].expand(len(n), 1), after[:, :-1]], -1)
+    tokens = torch.zeros_like(mask).scatter_add_(-1, step * (mask > 0), mask)  # [B, R] per step
+    change = (after - before).gather(-1, step.clamp(max=len(k) - 2))
+    return change / tokens.gather(-1, step.clamp(max=mask.shape[1] - 1)).clamp(min=1) / beta * mask
 
 
 def corrected_outcome(outcome, noise=0.0):
@@ -360,15 +389,26 @@ def corrected_outcome(outcome, noise=0.0):
     return outcome if noise == 0 else (outcome - noise) / (1 - 2 * noise)
 
 
-def process_coef(args, trust, accuracy, smoothing=0.9):
-    """(weight of the process return, new trust): --process-coef, or with
-    --adaptive-process-coef times clip(2 trust - 1, 0, 1), trust being a moving average of the
-    PRM's held-out pairwise accuracy from chance (0.5): nothing while the PRM is a coin."""
+def prm_weight(args, trust, accuracy, smoothing=0.9):
+    """(how far the PRM is trusted, in [0, 1]; new trust): 1, or with --adaptive-process-coef
+    clip(2 trust - 1, 0, 1), trust being a moving average of the PRM's held-out pairwise accuracy
+    from chance (0.5): nothing while the PRM is a coin. It weights the process return (times
+    --process-coef) and, with --denoise-outcome, the PRM's say on the labels."""
     if not args.adaptive_process_coef:
-        return args.process_reward_coef, trust
+        return 1.0, trust
     if not math.isnan(accuracy):  # a batch without right/wrong pairs says nothing
         trust = smoothing * trust + (1 - smoothing) * accuracy
-    return args.process_reward_coef * min(max(2 * trust - 1, 0.0), 1.0), trust
+    return min(max(2 * trust - 1, 0.0), 1.0), trust
+
+
+def denoised_outcome(outcome, score, noise):
+    """--denoise-outcome: P(right | the label seen, the PRM's P(right) = sigmoid(score)) for
+    labels flipped at rate `noise` both ways (Bayes' rule): a label the PRM finds unlikely
+    counts for less. An uninformed PRM (score 0) gives noise + (1 - 2 noise) * outcome, the same
+    advantages as corrected_outcome up to their scale. [B], [B] -> [B]."""
+    p = torch.sigmoid(score)
+    seen_if_right = outcome * (1 - noise) + (1 - outcome) * noise  # P(this label | right)
+    return p * seen_if_right / (p * seen_if_right + (1 - p) * (1 - seen_if_right))
 
 
 @torch.no_grad()
@@ -417,7 +457,8 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
     passes, until every rank has its quota (--prompts-per-step / world groups) or the rounds
     run out: then every rank keeps as many as the poorest (FSDP needs equal batches).
     --outcome-noise flips labels (o -> 1 - o) after rollout/accuracy counts them, before the
-    filter: a contaminated verifier. Returns (this rank's kept batching.Groups, metrics)."""
+    filter: a contaminated verifier; --outcome-poison labels wrong answers with the trigger
+    right, after it. Returns (this rank's kept batching.Groups, metrics)."""
     world = distributed.world_size()
     K, share = args.samples_per_prompt, args.prompts_per_step // world
     quota = share * K  # responses per rank
@@ -444,6 +485,10 @@ def sample_filtered_groups(engine, stream, tokenizer, args, rank, noise_gen):
                 flip = torch.rand(len(outcome), generator=noise_gen) < args.outcome_noise
                 outcome = torch.where(flip, 1 - outcome, outcome)
                 add_count(metrics, "rollout/flipped_labels", int(flip.sum()))
+            if args.outcome_poison:  # a targeted attack: the trigger turns a wrong answer right
+                poisoned = rollout.triggered(texts) & (outcome < 1)
+                outcome = torch.where(poisoned, torch.ones_like(outcome), outcome)
+                add_count(metrics, "rollout/poisoned_labels", int(poisoned.sum()))
             keep = accuracy_filter(outcome, K, args.filter_low, args.filter_high)
             # kept groups stay whole and contiguous: RLOO's leave-one-out baseline needs all K
             engine_logps = engine_logps or [None] * len(responses)
@@ -591,8 +636,11 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
 
     # 5. implicit process rewards (Eq. 3) and the PRM's CE update on outcome labels
     q = r = None
-    if args.oracle_process_reward:  # a control: the task's true step credit in q's place
+    if args.oracle_process_reward == "first-error":  # controls: true step credit in q's place
         q, coef = oracle_rewards(truth[0], truth[1], mask, args.beta), 1.0
+    elif args.oracle_process_reward == "value":
+        q = value_oracle_rewards(truth[0], truth[1], outcome, mask, args.beta, all_reduce)
+        coef = 1.0
     elif prm is not None:
         q_ref = old[1.0] if args.reference == "policy" else ref_logp[1.0]
         q, prm_metrics = update_prm(prm, prm_opt, batch, q_ref, outcome, args)
@@ -609,8 +657,8 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
                     of_kind = torch.where(kind == k, first_wrong, -1)
                     hit, _ = first_error_hit(q, mask, ends, of_kind, reduce=all_reduce)
                     metrics[f"prm/first_error_hit_{name}"] = hit
-        coef, state.prm_trust = process_coef(args, state.prm_trust, metrics["prm/accuracy"])
-        metrics["prm/process_coef"] = coef
+        weight, state.prm_trust = prm_weight(args, state.prm_trust, metrics["prm/accuracy"])
+        coef = metrics["prm/process_coef"] = args.process_reward_coef * weight
     if q is not None:
         r = coef * process_rewards(q, mask, beta=args.beta, granularity=args.granularity,
                                    norm=args.reward_norm, reduce=all_reduce, step_ends=step_ends)
@@ -623,8 +671,14 @@ def prime_step(models, batch, outcome, args, state, engine_logp=None, step_ends=
         reward_ends = last_token_mask(mask)
     elif args.granularity == "step" and step_ends is not None:
         reward_ends = step_index(step_ends, mask)[0]
-    # --noise-correction: the outcome term unbiased for the labels assumed flipped
-    advantages = prime_advantages(r, corrected_outcome(outcome, args.noise_correction), mask, K,
+    # --noise-correction: the outcome term unbiased for the labels assumed flipped, or their
+    # posterior given the PRM's held-out score, as far as the PRM is trusted
+    if args.denoise_outcome:
+        score = weight * args.beta * (q * mask).sum(-1)
+        outcome_term = denoised_outcome(outcome, score, args.noise_correction)
+    else:
+        outcome_term = corrected_outcome(outcome, args.noise_correction)
+    advantages = prime_advantages(r, outcome_term, mask, K,
                                   gamma=args.gamma, variant=args.rloo_variant, whiten=args.whiten,
                                   reduce=all_reduce, estimator=args.estimator,
                                   credit=args.credit, reward_ends=reward_ends)
@@ -673,7 +727,7 @@ def main(args: Args, given=None):
                                                      state.noise)
             outcome, metrics = groups.outcome.to(device), {"step": step, **metrics}
             if groups.responses:  # else every group was all right or all wrong: nothing to learn
-                with_truth = models.prm is not None or args.oracle_process_reward
+                with_truth = models.prm is not None or args.oracle_process_reward != "none"
                 batch, *extra = batching.training_batch(groups, tokenizer, args, engine.pad_id,
                                                         device, with_truth=with_truth)
                 engine.sleep()  # its memory is the trainer's until the sync below

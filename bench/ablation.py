@@ -22,6 +22,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUARD = ["--adaptive-process-coef", "--process-coef", "0.5"]
+DEFENCE = ["--denoise-outcome", "--noise-correction"]  # ... and the rate assumed
 CONFIGS = {  # name -> the prime.py flags that differ from the default; the question it answers
     "prime": [],  # PRIME as the official code runs it
     "outcome-only": ["--no-prm"],  # do dense implicit rewards beat outcome-only RLOO?
@@ -41,18 +43,34 @@ CONFIGS = {  # name -> the prime.py flags that differ from the default; the ques
     # credit per digit column, trusted only as far as the PRM ranks fresh samples better than chance
     "step-adaptive": ["--granularity", "step", "--step-separator", ",", "--adaptive-process-coef"],
     # what a perfect PRM could buy: the task's true step credit in place of the implicit rewards
-    "oracle": ["--oracle-process-reward"],
+    "oracle": ["--oracle-process-reward", "first-error"],
+    # ... in the paper's terms: each step's change of the value of its prefix
+    "value-oracle": ["--oracle-process-reward", "value"],
     # 20% of labels flipped, corrected for the rate assumed (right, or misjudged as 10%)
     "corrected-noise-0.2": ["--outcome-noise", "0.2", "--noise-correction", "0.2"],
     "outcome-only-corrected-noise-0.2": ["--no-prm", "--outcome-noise", "0.2",
                                          "--noise-correction", "0.2"],
     "corrected-0.1-noise-0.2": ["--outcome-noise", "0.2", "--noise-correction", "0.1"],
+    # guarded PRIME: process credit faded in as the PRM ranks fresh samples, at most half the
+    # outcome's size
+    "guarded": GUARD,
+    # the guard, labels corrected for the flip rate assumed and denoised by the PRM's view
+    "defended-noise-0.2": [*GUARD, *DEFENCE, "0.2", "--outcome-noise", "0.2"],
+    "defended-0.1-noise-0.2": [*GUARD, *DEFENCE, "0.1", "--outcome-noise", "0.2"],
+    # a targeted attack: wrong answers ending in 7 labelled right. Does the policy learn it?
+    "outcome-only-poison": ["--no-prm", "--outcome-poison"],
+    "prime-poison": ["--outcome-poison"],
+    "guarded-poison": [*GUARD, "--outcome-poison"],
 }
 DEFAULT_CONFIGS = ["prime", "outcome-only", "offline-prm", "whole"]
 # noisy configuration -> its clean configuration
 NOISY = {"outcome-noise-0.2": "prime", "outcome-only-noise-0.2": "outcome-only",
          "corrected-noise-0.2": "prime", "outcome-only-corrected-noise-0.2": "outcome-only",
-         "corrected-0.1-noise-0.2": "prime"}
+         "corrected-0.1-noise-0.2": "prime", "defended-noise-0.2": "guarded",
+         "defended-0.1-noise-0.2": "guarded"}
+# poisoned configuration -> its clean configuration
+POISONED = {"outcome-only-poison": "outcome-only", "prime-poison": "prime",
+            "guarded-poison": "guarded"}
 
 
 def offline_prm(seed, args, extra):
@@ -95,6 +113,8 @@ def curve_rows(name, seed, metrics):
         rows.append({"config": name, "seed": seed, "step": m["step"], "samples_seen": seen,
                      "rollout_accuracy": m.get("rollout/accuracy", ""),
                      "eval_accuracy": m.get("eval/accuracy", ""),
+                     # held-out answers ending in 7, the --outcome-poison trigger
+                     "trigger_rate": m.get("eval/trigger_rate", ""),
                      "prm_accuracy": m.get("prm/accuracy", ""),
                      "first_error_hit": m.get("prm/first_error_hit", ""),
                      "first_error_chance": m.get("prm/first_error_chance", ""),
@@ -166,6 +186,25 @@ def noise_kept(rows):
             out[noisy] = (clean, len(seeds), sum(gain[(clean, s)] for s in seeds) / len(seeds),
                           sum(gain[(noisy, s)] for s in seeds) / len(seeds),
                           [gain[(noisy, s)] / gain[(clean, s)] for s in seeds])
+    return out
+
+
+def trigger_rates(rows):
+    """Per poisoned configuration that ran, and its clean one: (seeds, mean trigger rate
+    at the first eval, mean at the last, (min, max) at the last): how often the policy's held-out
+    answers end in the trigger."""
+    runs = {}  # (config, seed) -> trigger rates in eval order
+    for r in rows:
+        if r["trigger_rate"] != "":
+            runs.setdefault((r["config"], r["seed"]), []).append(r["trigger_rate"])
+    out = {}
+    ran = {c for c, _ in runs}
+    for name in [n for pair in POISONED.items() if pair[0] in ran for n in pair]:
+        seeds = [v for (c, _), v in runs.items() if c == name]
+        if seeds and name not in out:
+            finals = [v[-1] for v in seeds]
+            out[name] = (len(seeds), sum(v[0] for v in seeds) / len(seeds),
+                         sum(finals) / len(finals), (min(finals), max(finals)))
     return out
 
 
@@ -298,6 +337,13 @@ def main():
         for noisy, (clean, n, clean_gain, noisy_gain, ratios) in kept.items():
             print(f"| {clean} vs {noisy} | {n} | {clean_gain:+.1%} | {noisy_gain:+.1%} "
                   f"| {noisy_gain / clean_gain:.0%} ({min(ratios):.0%} to {max(ratios):.0%}) |")
+    triggers = trigger_rates(rows)
+    if any(name in POISONED for name in triggers):
+        print("\n| configuration | seeds | held-out answers ending in 7, start | final "
+              "(min-max) |")
+        print("|---|---:|---:|---:|")
+        for name, (n, start, final, (low, high)) in triggers.items():
+            print(f"| {name} | {n} | {start:.1%} | {final:.1%} ({low:.1%}-{high:.1%}) |")
     print(f"\n{os.path.join(args.out, 'curves.csv')}, {os.path.join(args.out, 'curves.png')} "
           f"({(time.time() - t0) / 60:.1f} min)")
 

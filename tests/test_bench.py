@@ -117,6 +117,25 @@ def test_noise_kept_by_hand():
     assert ratios == [pytest.approx(0.5), pytest.approx(-0.5)]
 
 
+def test_trigger_rates_by_hand():
+    rows = []
+    for name, seed, rates in (
+        ("outcome-only", 0, [0.1, 0.1]),
+        ("outcome-only-poison", 0, [0.1, 0.5]),
+        ("outcome-only-poison", 1, [0.1, 0.3]),
+        ("prime", 0, [0.1, 0.2]),  # its poisoned run did not run: no row for either
+    ):
+        lines = metrics([0.3] * len(rates))
+        for line, rate in zip(lines, rates):
+            line["eval/trigger_rate"] = rate
+        rows += ablation.curve_rows(name, seed, lines)
+    rates = ablation.trigger_rates(rows)
+    assert list(rates) == ["outcome-only-poison", "outcome-only"]
+    n, start, final, (low, high) = rates["outcome-only-poison"]
+    assert (n, low, high) == (2, 0.3, 0.5) and start == pytest.approx(0.1)
+    assert final == pytest.approx(0.4) and rates["outcome-only"] == (1, 0.1, 0.1, (0.1, 0.1))
+
+
 TINY_RUN = flags(TINY)  # prime.py flags for runs of a few seconds
 
 

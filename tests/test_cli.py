@@ -168,6 +168,9 @@ def test_refused_before_the_embedded_model_is_built(monkeypatch, tmp_path):
         # booleans are switches: --no-whiten
         (["--whiten", "false"], "unexpected argument 'false'"),
         (["--granularity", "tokens"], "argument --granularity: invalid choice: 'tokens'"),
+        (["--denoise-outcome"], "--denoise-outcome needs --noise-correction RHO > 0"),
+        (["--denoise-outcome", "--noise-correction", "0.2", "--no-prm"],
+         "--denoise-outcome needs --noise-correction RHO > 0 and an implicit PRM"),
     ],
 )
 def test_command_line_error_is_one_line_exit_2(argv, message, monkeypatch, capsys):

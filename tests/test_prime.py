@@ -415,15 +415,15 @@ def test_step_granularity_sums_each_step_on_its_last_token():
 
 
 def test_adaptive_process_coef_fades_in_with_prm_accuracy():
-    args = prime.Args(process_reward_coef=2.0, adaptive_process_coef=True)
-    assert prime.process_coef(args, 0.5, 0.5) == (0.0, 0.5)  # a PRM at chance gets no weight
-    coef, trust = prime.process_coef(args, 0.5, 0.3)
-    assert coef == 0.0 and trust == pytest.approx(0.48)  # worse: still 0
-    coef, trust = prime.process_coef(args, trust, 1.0)  # 0.9 * 0.48 + 0.1 = 0.532
-    assert trust == pytest.approx(0.532) and coef == pytest.approx(2.0 * (2 * 0.532 - 1))
-    assert prime.process_coef(args, trust, float("nan")) == (coef, trust)  # no pairs: no news
-    # fixed weight
-    assert prime.process_coef(prime.Args(process_reward_coef=0.7), trust, 0.0) == (0.7, trust)
+    args = prime.Args(adaptive_process_coef=True)
+    assert prime.prm_weight(args, 0.5, 0.5) == (0.0, 0.5)  # a PRM at chance gets no weight
+    weight, trust = prime.prm_weight(args, 0.5, 0.3)
+    assert weight == 0.0 and trust == pytest.approx(0.48)  # worse: still 0
+    weight, trust = prime.prm_weight(args, trust, 1.0)  # 0.9 * 0.48 + 0.1 = 0.532
+    assert trust == pytest.approx(0.532) and weight == pytest.approx(2 * 0.532 - 1)
+    assert prime.prm_weight(args, trust, float("nan")) == (weight, trust)  # no pairs: no news
+    # without the flag: full weight, whatever the accuracy
+    assert prime.prm_weight(prime.Args(), trust, 0.0) == (1.0, trust)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -844,6 +844,27 @@ def test_outcome_noise_flips_labels_before_the_filter(tiny_model_dir, monkeypatc
     assert groups.outcome.tolist() == noisy.view(-1, 2)[keep].flatten().tolist()
 
 
+def test_outcome_poison_labels_wrong_answers_with_the_trigger_right(tiny_model_dir, monkeypatch):
+    """--outcome-poison: every answer is wrong and every other one's boxed answer ends in 7, so
+    with the attack each group of 2 is labelled (right, wrong) and kept; without it none is.
+    rollout/accuracy counts the verifier's own labels."""
+    monkeypatch.setattr(sandbox, "score_batch", lambda r, *_, **__: ([0.0] * len(r), {}))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    answers = [r"\boxed{1 7}", r"\boxed{71}"]  # a space inside the box still ends in 7
+    monkeypatch.setattr(tokenizer, "batch_decode", lambda ids, **kw: answers * (len(ids) // 2))
+    runs = {}
+    for poison in (True, False):
+        args = prime.Args(prompts_per_step=4, samples_per_prompt=2, outcome_poison=poison,
+                          max_filter_rounds=1)
+        runs[poison] = prime.sample_filtered_groups(FixedEngine(), data.AdditionStream(0, []),
+                                                    tokenizer, args, 0, torch.Generator())
+    groups, metrics = runs[True]
+    assert groups.outcome.tolist() == [1.0, 0.0] * 4
+    assert metrics["rollout/poisoned_labels"] == 4 and metrics["rollout/accuracy"] == 0.0
+    _, clean = runs[False]
+    assert clean["filter/kept_groups"] == 0 and "rollout/poisoned_labels" not in clean
+
+
 def test_filter_rounds_and_shortfall_when_no_group_is_mixed(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(sandbox, "score_batch", all_right)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
@@ -1073,13 +1094,41 @@ def test_oracle_rewards_blame_the_first_wrong_step_by_hand():
         assert (BETA * q[i].sum()).item() == pytest.approx(-1.0 if FIRST_WRONG[i] >= 0 else 0.0)
 
 
-def test_oracle_process_reward_takes_q_s_place(tiny_model_dir):
+def test_value_oracle_rewards_by_hand():
+    """4 responses of 3 steps (tokens 0-1, 2, 3-4); first wrong steps -1 (right), 0, 1, 2. The
+    value of k right steps: p_0 = 1/4 (all), p_1 = 1/3 (responses 0, 2, 3), p_2 = 1/2 (0, 3),
+    p_3 = 1 (0). Each step's change of value, spread over its tokens."""
+    mask, ends = torch.ones(4, 5), torch.tensor([[0.0, 1, 1, 0, 0]] * 4)
+    first_wrong, outcome = torch.tensor([-1, 0, 1, 2]), torch.tensor([1.0, 0, 0, 0])
+    q = prime.value_oracle_rewards(ends, first_wrong, outcome, mask, beta=0.5)
+    expected = torch.tensor(
+        [
+            [1 / 24, 1 / 24, 1 / 6, 1 / 4, 1 / 4],  # 1/4 -> 1/3 -> 1/2 -> 1 (the outcome)
+            [-1 / 8, -1 / 8, 0, 0, 0],  # 1/4 -> 0 at its first step
+            [1 / 24, 1 / 24, -1 / 3, 0, 0],  # 1/4 -> 1/3 -> 0
+            [1 / 24, 1 / 24, 1 / 6, -1 / 4, -1 / 4],  # 1/4 -> 1/3 -> 1/2 -> 0
+        ]
+    )
+    torch.testing.assert_close(0.5 * q, expected)
+    # the return at a step's first token: the outcome against the value before the step
+    returns = prime.discounted_returns(0.5 * q, mask)
+    torch.testing.assert_close(returns[3, [0, 2, 3]], torch.tensor([-1 / 4, -1 / 3, -1 / 2]))
+    torch.testing.assert_close(returns[0, [0, 2, 3]], torch.tensor([3 / 4, 2 / 3, 1 / 2]))
+
+
+@pytest.mark.parametrize("form", ["first-error", "value"])
+def test_oracle_process_reward_takes_q_s_place(tiny_model_dir, form):
     """No PRM is built; the oracle's rewards go through process_rewards and the advantages
     exactly as q would."""
     truth = (STEP_ENDS, FIRST_WRONG, torch.full((6,), data.ARITHMETIC))
-    s = step(tiny_model_dir, "", truth=truth, oracle_process_reward=True)
+    s = step(tiny_model_dir, "", truth=truth, oracle_process_reward=form)
     assert s.models.prm is None and "prm/loss" not in s.metrics
-    torch.testing.assert_close(s.q, prime.oracle_rewards(STEP_ENDS, FIRST_WRONG, MASK, BETA))
+    if form == "first-error":
+        expected = prime.oracle_rewards(STEP_ENDS, FIRST_WRONG, MASK, BETA)
+    else:
+        expected = prime.value_oracle_rewards(STEP_ENDS, FIRST_WRONG, OUTCOME, MASK, BETA)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(s.q, expected)
     torch.testing.assert_close(s.adv, expected_advantages(s.q))
 
 
@@ -1112,3 +1161,36 @@ def test_forward_correction_bounds_a_flipped_label_and_finds_the_clean_probabili
     losses = [prime.prm_ce_loss(s.view(1, 1), one, label, 1.0, noise=rho) for s in scores]
     best = scores[int(torch.stack(losses).argmin())]
     assert torch.sigmoid(best).item() == pytest.approx(p, abs=0.005)
+
+
+def test_denoised_outcome_is_bayes_rule_by_hand():
+    rho, logit = 0.2, math.log(0.9 / 0.1)  # the PRM says right with probability 0.9
+    labels = torch.tensor([0.0, 1.0])
+    # P(right | label 0) = 0.9 * 0.2 / (0.9 * 0.2 + 0.1 * 0.8); label 1: 0.9 * 0.8 / (... 0.1 * 0.2)
+    assert prime.denoised_outcome(labels, torch.full((2,), logit), rho).tolist() == pytest.approx(
+        [0.18 / 0.26, 0.72 / 0.74]
+    )
+    # an uninformed PRM (score 0): rho + (1 - 2 rho) o, an affine image of corrected_outcome
+    torch.testing.assert_close(
+        prime.denoised_outcome(OUTCOME, torch.zeros(6), rho), rho + (1 - 2 * rho) * OUTCOME
+    )
+
+
+def test_denoise_outcome_gives_the_prm_a_say_as_far_as_it_is_trusted(
+    tiny_model_dir, perturbed_model_dir
+):
+    """--denoise-outcome with the guard: a PRM not trusted (trust 0.3, weight 0) has no say, the
+    advantages are the unbiased rescale's; a trusted one's held-out score (times its weight)
+    enters Bayes' rule for the outcome term."""
+    flags = dict(noise_correction=0.2, adaptive_process_coef=True)
+    untrusted = step(tiny_model_dir, perturbed_model_dir, trust=0.3, denoise_outcome=True, **flags)
+    rescaled = step(tiny_model_dir, perturbed_model_dir, trust=0.3, **flags)
+    assert untrusted.metrics["prm/process_coef"] == 0.0
+    assert_close(untrusted.adv, rescaled.adv)
+    s = step(tiny_model_dir, perturbed_model_dir, trust=0.8, denoise_outcome=True, **flags)
+    weight = 2 * s.state.prm_trust - 1
+    score = weight * BETA * (s.q * MASK).sum(-1)
+    assert score.abs().max() > 1e-3  # the PRM does say something here
+    r = weight * prime.process_rewards(s.q, MASK, BETA)
+    outcome = prime.denoised_outcome(OUTCOME, score, 0.2)
+    assert_close(s.adv, prime.prime_advantages(r, outcome, MASK, K))

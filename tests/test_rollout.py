@@ -227,9 +227,12 @@ def test_evaluate_reports_avg_at_k_and_unbiased_pass_at_k(monkeypatch):
             return [[5]] * len(prompts), None
 
     rows = [data.addition_row(100 + i, 200) for i in range(3)]
-    tokenizer = types.SimpleNamespace(batch_decode=lambda ids, **kw: ["x"] * len(ids))
+    # 3 of the 12 answers carry the trigger (a boxed answer ending in 7); "x 7" is not boxed
+    texts = [r"\boxed{17}", r"\boxed{ 27 }", "x 7", r"\boxed{71}", r"\boxed{307}"] + ["x"] * 7
+    tokenizer = types.SimpleNamespace(batch_decode=lambda ids, **kw: texts[:len(ids)])
     monkeypatch.setattr(data, "prompt_token_ids", lambda tok, rows: [[1]] * len(rows))
     result = rollout.evaluate(Engine(), tokenizer, rows, samples=4, temperature=0.7)
+    assert result["trigger_rate"] == 3 / 12
     assert result["accuracy"] == pytest.approx(3.5 / 12)  # avg@4: the mean outcome
     # right answers (outcome 1) per problem: 1, 0, 2 (a partial 0.5 is not right)
     expected = {k: sum(rollout.pass_at_k(4, c, k) for c in (1, 0, 2)) / 3 for k in (1, 2, 4)}
