@@ -209,12 +209,15 @@ def trigger_rates(rows):
 
 
 def plot(rows, path):
-    """curves.png: held-out accuracy (left) and the PRM's first-error hit rate (right, smoothed
-    over 10 steps, chance dotted) against responses sampled, mean and min-max over seeds."""
+    """curves.png: held-out accuracy (left) and the PRM's first-error hit rate (middle, smoothed
+    over 10 steps, chance dotted) against responses sampled, mean and min-max over seeds; with a
+    poisoned configuration, the held-out answers ending in the trigger (right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, hit_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+    poisoned = any(r["config"] in POISONED for r in rows)
+    fig, axes = plt.subplots(1, 3 if poisoned else 2, figsize=(19.5 if poisoned else 13, 4.5))
+    ax, hit_ax = axes[:2]
     for name in dict.fromkeys(r["config"] for r in rows):
         by_step = {}
         for r in rows:
@@ -227,6 +230,9 @@ def plot(rows, path):
         line, = ax.plot(x, [sum(a) / len(a) for a in accs], label=f"{name} ({len(accs[0])} seeds)")
         ax.fill_between(x, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(),
                         alpha=0.15)
+        rates = [[r["trigger_rate"] for r in by_step[s]] for s in steps]
+        if poisoned and all(v != "" for a in rates for v in a):
+            axes[2].plot(x, [sum(a) / len(a) for a in rates], color=line.get_color(), label=name)
         hits = {}  # step -> (samples seen, hit, chance) of each seed that logged one
         for r in rows:
             if (r["config"] == name and r["first_error_hit"] != ""
@@ -247,7 +253,10 @@ def plot(rows, path):
     ax.set_ylabel("held-out greedy accuracy")
     hit_ax.set_xlabel("responses sampled")
     hit_ax.set_ylabel("PRM blames the first wrong step (dotted: chance)")
-    for a in (ax, hit_ax):
+    if poisoned:
+        axes[2].set_xlabel("responses sampled")
+        axes[2].set_ylabel("held-out answers ending in 7 (the trigger)")
+    for a in axes:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend()
