@@ -226,6 +226,10 @@ def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
                 model_dir, prm_dir, rank, world, "token-mean", micro_batch_size=4
             )
             torch.save(steps, os.path.join(out_dir, f"rank{rank}.pt"))
+        elif job == "value-oracle":
+            mine = (t[rank * 2 : rank * 2 + 2] for t in VALUE_ORACLE_BATCH)
+            q = prime.value_oracle_rewards(*mine, 0.5, reduce=distributed.all_reduce)
+            torch.save(q, os.path.join(out_dir, f"rank{rank}.pt"))
         elif job == "vision":
             torch.save(vision_logprobs(model_dir), os.path.join(out_dir, f"rank{rank}.pt"))
         elif job == "chunked":
@@ -249,6 +253,14 @@ def rank_main(rank, world, port, model_dir, prm_dir, out_dir, job):
     finally:
         dist.destroy_process_group()
 
+
+# (step ends, first wrong step, outcome, mask): rank 1's responses have more steps than rank 0's
+VALUE_ORACLE_BATCH = (
+    torch.tensor([[0.0, 1, 0, 0, 0, 0]] * 2 + [[1.0, 0, 1, 0, 1, 0]] * 2),
+    torch.tensor([-1, 0, 2, -1]),
+    torch.tensor([1.0, 0, 0, 1]),
+    torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2 + [[1.0] * 6] * 2),
+)
 
 # 2 prompts x K=2 on each of two ranks
 TWO_RANKS = dict(TINY, prompts_per_step=4, mini_batch_size=8)
@@ -292,6 +304,19 @@ def test_one_step_agrees_with_one_and_two_processes(tiny_model_dir, perturbed_mo
         for name, w in single["engine"].items():
             assert torch.allclose(two[0]["engine"][name], w, atol=1e-6), (agg, name)
             assert torch.equal(two[0]["engine"][name], two[1]["engine"][name]), (agg, name)
+
+
+@pytest.mark.slow
+def test_value_oracle_pools_its_values_over_ranks(tmp_path):
+    """p_k, the value of k right steps, is pooled over every rank's responses: two ranks holding
+    half the batch each give one process's rewards."""
+    spawn("value-oracle", None, tmp_path)
+    two = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
+    single = prime.value_oracle_rewards(*VALUE_ORACLE_BATCH, 0.5)
+    # rank 0 alone would see p_1 = 1 (its one response with a right first step), not the pooled 2/3
+    half = prime.value_oracle_rewards(*(t[:2] for t in VALUE_ORACLE_BATCH), 0.5)
+    assert not torch.allclose(half, single[:2])
+    torch.testing.assert_close(two, single)
 
 
 @pytest.mark.slow
