@@ -201,7 +201,7 @@ def trigger_rates(rows):
     ran = {c for c, _ in runs}
     for name in [n for pair in POISONED.items() if pair[0] in ran for n in pair]:
         seeds = [v for (c, _), v in runs.items() if c == name]
-        if seeds and name not in out:
+        if seeds:  # a clean configuration may not have run
             finals = [v[-1] for v in seeds]
             out[name] = (len(seeds), sum(v[0] for v in seeds) / len(seeds),
                          sum(finals) / len(finals), (min(finals), max(finals)))
@@ -347,7 +347,7 @@ def main():
             print(f"| {clean} vs {noisy} | {n} | {clean_gain:+.1%} | {noisy_gain:+.1%} "
                   f"| {noisy_gain / clean_gain:.0%} ({min(ratios):.0%} to {max(ratios):.0%}) |")
     triggers = trigger_rates(rows)
-    if any(name in POISONED for name in triggers):
+    if triggers:  # only when a poisoned configuration ran
         print("\n| configuration | seeds | held-out answers ending in 7, start | final "
               "(min-max) |")
         print("|---|---:|---:|---:|")
